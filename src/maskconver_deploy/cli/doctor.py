@@ -1,0 +1,5 @@
+"""PLACEHOLDER"""
+
+
+def doctor() -> None:
+    """Not built yet."""
