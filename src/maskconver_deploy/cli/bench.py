@@ -1,8 +1,86 @@
-"""PLACEHOLDER: replaced by the module's owner (the whole file)."""
+"""`maskconver bench`: latency of every artifact of a model folder, interleaved, against PyTorch eager."""
 
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from maskconver_deploy.cli.options import ForceOpt, JsonOpt, JsonOutOpt, ModelDirOpt
 from maskconver_deploy.errors import UserError
 
 
-def bench() -> None:
-    """Not built yet."""
-    raise UserError("this command is not built yet")
+def _usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def bench(
+    model_dir: ModelDirOpt = None,
+    backends: Annotated[str, typer.Option("--backends", "-b", help="Comma list of backends, or 'all'. The PyTorch reference 'torch' is always timed too (the speed-up baseline).")] = "torch,ort",
+    sizes: Annotated[Optional[str], typer.Option("--sizes", help="Square input sizes, e.g. 256,384,640 (others than the model folder's are exported into MODEL_DIR/variants/).")] = None,
+    proposals: Annotated[Optional[str], typer.Option("--proposals", help="Proposal counts, e.g. 100,50,20,15,10. Sizes are swept at the first count, counts at the first size.")] = None,
+    threads: Annotated[Optional[str], typer.Option("--threads", "-t", help="Thread counts, e.g. 1,2 (default: the cores this process may use).")] = None,
+    warmup: Annotated[int, typer.Option("--warmup", min=0, help="Untimed runs per runner before timing.")] = 10,
+    runs: Annotated[int, typer.Option("--runs", min=1, help="Timed runs per runner (interleaved rounds).")] = 50,
+    gap_ms: Annotated[float, typer.Option("--gap-ms", min=0, help="Pause before every timed call so the previous runtime's spinning threads park (0: back to back).")] = 20.0,
+    quick: Annotated[bool, typer.Option("--quick", help="2 warm-up and 5 timed runs, a small matmul for the peak: a smoke test, not a measurement.")] = False,
+    grid: Annotated[bool, typer.Option("--grid", help="Time every (size, proposals) pair instead of the two sweeps.")] = False,
+    network: Annotated[bool, typer.Option("--network/--no-network", help="Also time the raw graphs (network alone) where they exist.")] = True,
+    profile: Annotated[bool, typer.Option("--profile", help="Run ONNX Runtime's profiler on the ORT artifacts: time per op type.")] = False,
+    calib: Annotated[Optional[Path], typer.Option("--calib", help="Calibration folder for int8 variants at other sizes/proposals.")] = None,
+    json_out: JsonOutOpt = None,
+    as_json: JsonOpt = False,
+    force: ForceOpt = False,
+) -> None:
+    """Time each artifact end to end (image in, panoptic answer out) and the network alone, interleaved."""
+    from maskconver_deploy.bench import (
+        QUICK_RUNS,
+        QUICK_WARMUP,
+        BenchOptions,
+        parse_int_list,
+        resolve_backends,
+        run_bench,
+        summary_rows,
+    )
+    from maskconver_deploy.cli.console import log, print_json, print_table
+    from maskconver_deploy.fileio import refuse_overwrite
+
+    if model_dir is None:
+        raise UserError("--model-dir is required (a folder written by `maskconver export`)")
+    if json_out is not None:
+        refuse_overwrite(json_out, force)
+    thread_list = parse_int_list(threads, "--threads") or [_usable_cores()]
+    options = BenchOptions(
+        backends=resolve_backends(backends),
+        sizes=parse_int_list(sizes, "--sizes", minimum=32),
+        proposals=parse_int_list(proposals, "--proposals"),
+        threads=list(thread_list),
+        warmup=QUICK_WARMUP if quick else warmup,
+        runs=QUICK_RUNS if quick else runs,
+        grid=grid,
+        network_alone=network,
+        profile=profile,
+        calib=calib,
+        peak_matrix=512 if quick else 1536,
+        gap_ms=gap_ms,
+    )
+    result = run_bench(model_dir, options, log=log)
+    if json_out is not None:
+        result.save(json_out, force=force)
+        log(f"wrote {json_out}")
+    if as_json:
+        print_json(result.to_dict())
+        return
+    columns = ["backend", "graph", "size", "N", "threads", "status", "median ms", "p90 ms", "min ms", "vs torch",
+               "floor ms", "MB", "peak MB"]  # fmt: skip
+    print_table(summary_rows(result), columns=columns, title=f"maskconver bench: {result.machine.get('cpu')}")
+    for peak in result.peak:
+        log(f"float32 matmul peak at {peak['threads'] or 'default'} threads: {peak['gflops']:.1f} GFLOP/s")
+    skipped = [e for e in result.entries if not e.ok and e.hint]
+    for e in {e.backend: e for e in skipped}.values():
+        log(f"{e.backend}: {e.reason} ({e.hint})")

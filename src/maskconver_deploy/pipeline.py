@@ -1,0 +1,480 @@
+"""`maskconver pipeline`: checkpoint -> data -> export -> compile everything -> parity -> eval -> bench -> overlays -> report.
+
+Layout of one run named NAME (`--out reports/NAME`):
+    reports/NAME/results/{bench.json, parity.json, eval/*.json, overlays/*.png, pipeline.json}   small, reportable
+    reports/NAME/{report.md, report.html, plots/}                                                 the report
+    artifacts/pipeline/NAME/{model/, data/}     the exported graphs, compiled artifacts, generated data (not kept)
+Backends that cannot run here are listed as skipped with their reason and install hint; a backend whose build
+fails is listed as failed and the run goes on. `maskconver report --results reports/NAME` rebuilds the report.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from maskconver_deploy.errors import MaskconverError, UserError
+from maskconver_deploy.fileio import sha256_file, write_json
+from maskconver_deploy.results import (
+    BENCH_FILE,
+    EVAL_DIR,
+    OVERLAY_DIR,
+    PARITY_FILE,
+    PIPELINE_FILE,
+    STATUS_FAILED,
+    STATUS_OK,
+    STATUS_SKIPPED,
+    BenchResult,
+    EvalRun,
+    PipelineRecord,
+    eval_key,
+)
+from maskconver_deploy.types import LABEL_DIVISOR
+
+Log = Callable[[str], None]
+
+DEFAULT_CHECKPOINT = Path("models/shapes-256.pt")
+DEFAULT_CALIBRATION = Path("calibration/shapes-64")
+DEFAULT_OUT = Path("reports/pipeline")
+WORK_ROOT = Path("artifacts/pipeline")
+DATA_SEED = 1  # the shipped model is trained on seed 0 scenes: evaluation scenes come from another seed
+DEFAULT_IMAGES = 50
+QUICK_IMAGES = 4
+BENCH_THREADS = 2
+BENCH_SIZES = (256, 384, 640)
+BENCH_PROPOSALS = (100, 50, 20, 15, 10)
+SWEEP_BACKENDS = ("torch", "ort")  # timed at the other sizes / proposal counts (compiling TFLite there costs minutes)
+TARGET_PROPOSALS = 100  # the post-processing target is checked at 100 proposals: every fp32 runtime is timed there
+STEPS = ("data", "export", "compile", "parity", "eval", "bench", "overlays", "report")
+
+
+@dataclass
+class PipelineOptions:
+    checkpoint: Path = DEFAULT_CHECKPOINT
+    data: Path | None = None
+    split: str = "val"
+    backends: str = "all"
+    out: Path = DEFAULT_OUT
+    n_images: int | None = None
+    quick: bool = False
+    force: bool = False
+    calib: Path | None = DEFAULT_CALIBRATION
+    threads: int = BENCH_THREADS
+    sizes: Sequence[int] | None = None
+    proposals: Sequence[int] | None = None
+    work: Path | None = None
+
+
+@dataclass
+class BackendState:
+    """One backend through the run: built (or why not), artifacts, compile time."""
+
+    name: str
+    status: str = STATUS_OK
+    reason: str = ""
+    hint: str = ""
+    compile_s: float = 0.0
+    artifacts: dict[str, str] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"backend": self.name, "status": self.status, "reason": self.reason, "hint": self.hint,
+                "compile_s": round(self.compile_s, 2), "artifacts": self.artifacts}  # fmt: skip
+
+
+class StepSkipped(Exception):
+    """A step that cannot run here (a missing optional piece); the run goes on without it."""
+
+
+class Steps:
+    """Times each step, keeps its status line, drives the one progress display."""
+
+    def __init__(self, log: Log, bar: Any | None = None) -> None:
+        self.log = log
+        self.bar = bar
+        self.records: list[dict[str, Any]] = []
+
+    def run(self, name: str, fn: Callable[[], str]) -> None:
+        self.log(f"[{len(self.records) + 1}/{len(STEPS)}] {name}")
+        start = time.perf_counter()
+        status, detail = STATUS_OK, ""
+        try:
+            detail = fn() or ""
+        except StepSkipped as exc:
+            status, detail = STATUS_SKIPPED, str(exc)
+        except MaskconverError:
+            self.records.append({"name": name, "status": STATUS_FAILED, "seconds": round(time.perf_counter() - start, 2), "detail": ""})
+            raise
+        seconds = time.perf_counter() - start
+        self.records.append({"name": name, "status": status, "seconds": round(seconds, 2), "detail": detail})
+        self.log(f"    {name}: {detail} ({seconds:.1f} s)")
+        if self.bar is not None:
+            self.bar.update(1, status=f"{name} done")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Overlays
+# ---------------------------------------------------------------------------------------------------------------
+def overlay(image: np.ndarray, panoptic: np.ndarray, colors: Sequence[Sequence[int]], alpha: float = 0.55) -> np.ndarray:
+    """uint8 RGB: each segment tinted with its class colour (instances shaded apart), boundaries white, VOID dimmed."""
+    palette = np.asarray(colors, dtype=np.float32).reshape(-1, 3)
+    classes = panoptic // LABEL_DIVISOR - 1
+    instance = panoptic % LABEL_DIVISOR
+    valid = (panoptic > 0) & (classes < len(palette))
+    tint = palette[np.clip(classes, 0, len(palette) - 1)]
+    shade = 0.7 + 0.3 * ((instance * 7) % 5)[..., None] / 4.0
+    tint = np.clip(tint * np.where(instance[..., None] > 0, shade, 1.0), 0, 255)
+    base = image.astype(np.float32)
+    out = np.where(valid[..., None], (1 - alpha) * base + alpha * tint, 0.5 * base)
+    edge = np.zeros(panoptic.shape, dtype=bool)
+    edge[:, 1:] |= panoptic[:, 1:] != panoptic[:, :-1]
+    edge[1:, :] |= panoptic[1:, :] != panoptic[:-1, :]
+    out[edge] = 255.0
+    return out.astype(np.uint8)
+
+
+def _save_png(path: Path, array: np.ndarray, force: bool) -> Path:
+    from PIL import Image
+
+    from maskconver_deploy.fileio import atomic_path
+
+    with atomic_path(path, force=force) as tmp:
+        Image.fromarray(array).save(tmp, format="PNG")
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The run
+# ---------------------------------------------------------------------------------------------------------------
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return (text[0] if text else type(exc).__name__)[:300]
+
+
+class Pipeline:
+    """One pipeline run; each step is a method, called in order by `run`."""
+
+    def __init__(self, options: PipelineOptions, log: Log) -> None:
+        self.o = options
+        self.log = log
+        self.out = Path(options.out)
+        self.results = self.out / "results"
+        self.work = Path(options.work) if options.work else WORK_ROOT / self.out.name
+        self.model_dir = self.work / "model"
+        self.states: dict[str, BackendState] = {}
+        self.data_info: dict[str, Any] = {}
+        self.records: list[Any] = []
+        self.meta: Any = None
+        self.dataset_meta: Any = None
+        self.bench: BenchResult | None = None
+        self.parity: dict[str, Any] | None = None
+        self.evals: dict[str, EvalRun] = {}
+        self.overlays: dict[str, str] = {}
+        self.calib: Path | None = None
+
+    # -- helpers ------------------------------------------------------------------------------------------------
+    @property
+    def n_images(self) -> int:
+        if self.o.n_images is not None:
+            return self.o.n_images
+        return QUICK_IMAGES if self.o.quick else DEFAULT_IMAGES
+
+    @staticmethod
+    def precision_of(name: str) -> str:
+        from maskconver_deploy.backends import parse_backend
+
+        return parse_backend(name).precision.value
+
+    def ok_backends(self) -> list[str]:
+        return [name for name, state in self.states.items() if state.status == STATUS_OK]
+
+    def check_inputs(self) -> None:
+        if not self.o.checkpoint.is_file():
+            raise UserError("no such checkpoint (train one with `make model`, or pass --checkpoint)", self.o.checkpoint)
+        if self.n_images < 1:
+            raise UserError(f"--n must be at least 1, got {self.n_images}")
+        for path in (self.out / "report.md", self.out / "report.html", self.results):
+            if path.exists() and not self.o.force:
+                raise UserError("already exists; pass --force to overwrite it", path)
+        if self.o.data is not None and not Path(self.o.data).is_dir():
+            raise UserError("no such data folder", self.o.data)
+
+    # -- steps --------------------------------------------------------------------------------------------------
+    def step_data(self) -> str:
+        from maskconver_deploy.data import load_split
+        from maskconver_deploy.model.checkpoint import load_checkpoint
+
+        model, categories, _ = load_checkpoint(self.o.checkpoint)
+        size = int(model.spec.input_size[0])
+        if self.o.data is None:
+            from maskconver_deploy.data.synthetic import write_dataset
+
+            target = self.work / "data"
+            write_dataset(target, n=2 * self.n_images, size=size, seed=DATA_SEED, val_fraction=0.5, force=True)
+            data_dir, split, generated = target, "val", True
+        else:
+            data_dir, split, generated = Path(self.o.data), self.o.split, False
+        self.dataset_meta, records = load_split(data_dir, split)
+        self.records = list(records[: self.n_images])
+        if not self.records:
+            raise UserError(f"split '{split}' has no images", data_dir)
+        self.data_info = {"dir": str(data_dir), "split": split, "n_images": len(self.records), "generated": generated,
+                          "seed": DATA_SEED if generated else None}  # fmt: skip
+        what = f"generated {len(self.records)} synthetic scenes (seed {DATA_SEED})" if generated else f"{len(self.records)} images"
+        return f"{what} from {data_dir} ({split})"
+
+    def step_export(self) -> str:
+        from maskconver_deploy import export as export_mod
+        from maskconver_deploy.modeldir import ModelDir
+
+        export_mod.export(self.o.checkpoint, self.model_dir, force=True)
+        folder = ModelDir(self.model_dir)
+        self.meta = folder.meta
+        graphs = [g for g in ("panoptic", "raw") if folder.onnx_path(g).is_file()]
+        return f"{self.model_dir} ({', '.join(graphs)} graphs)"
+
+    def step_compile(self) -> str:
+        from maskconver_deploy.bench import backend_status, needs_calibration, resolve_backends
+        from maskconver_deploy.modeldir import ModelDir
+
+        folder = ModelDir(self.model_dir)
+        names = resolve_backends(self.o.backends)
+        if self.o.calib is not None and Path(self.o.calib).is_dir():
+            self.calib = Path(self.o.calib)
+        for name in names:
+            state = self.states[name] = BackendState(name)
+            _, reason, hint = backend_status(name)
+            if reason:
+                state.status, state.reason, state.hint = STATUS_SKIPPED, reason, hint
+                self.log(f"    skipped {name}: {reason}" + (f" ({hint})" if hint else ""))
+                continue
+            if name.startswith("torch"):
+                continue
+            if needs_calibration(name) and self.calib is None:
+                state.status = STATUS_SKIPPED
+                state.reason = f"needs a calibration set; {self.o.calib or 'none'} is not a folder"
+                state.hint = "maskconver calib ... (see README), or pass --calib"
+                continue
+            start = time.perf_counter()
+            for graph in ("panoptic", "raw"):
+                try:
+                    path = folder.compile(name, graph=graph, calib=self.calib, force=True)
+                    state.artifacts[graph] = str(path)
+                except MaskconverError as exc:
+                    if graph == "panoptic":
+                        state.status, state.reason = STATUS_FAILED, _first_line(exc)
+                        break
+                    state.artifacts["raw_error"] = _first_line(exc)
+                except Exception as exc:  # a converter crash is this backend's failure, not the run's
+                    if graph == "panoptic":
+                        state.status, state.reason = STATUS_FAILED, f"{type(exc).__name__}: {_first_line(exc)}"
+                        break
+                    state.artifacts["raw_error"] = f"{type(exc).__name__}: {_first_line(exc)}"
+            state.compile_s = time.perf_counter() - start
+            self.log(f"    {name}: {state.status} ({state.compile_s:.1f} s){' ' + state.reason if state.reason else ''}")
+        built = [n for n in self.ok_backends() if not n.startswith("torch")]
+        return f"{len(built)} built, {sum(s.status == STATUS_SKIPPED for s in self.states.values())} skipped, " \
+               f"{sum(s.status == STATUS_FAILED for s in self.states.values())} failed"
+
+    def step_parity(self) -> str:
+        try:
+            from maskconver_deploy import parity as parity_mod
+        except ImportError as exc:
+            raise StepSkipped(f"the parity module is not available ({_first_line(exc)})") from None
+
+        candidates = [n for n in self.ok_backends() if n != "torch"]
+        result = parity_mod.run_parity(self.model_dir, candidates, records=self.records, meta=self.dataset_meta,
+                                       calib=self.calib, threads=self.o.threads)  # fmt: skip
+        self.parity = result
+        write_json(self.results / PARITY_FILE, result, force=True)
+        verdicts = [c.get("verdict", "?") for c in result.get("candidates", [])]
+        return ", ".join(f"{v} x{verdicts.count(v)}" for v in sorted(set(verdicts))) or "no candidates"
+
+    def step_eval(self) -> str:
+        from maskconver_deploy import backends
+        from maskconver_deploy.evaluate import evaluate_runner
+
+        done = []
+        for name in self.ok_backends():
+            runner = backends.open_runner(name, model_dir=self.model_dir, threads=self.o.threads)
+            with runner:
+                result = evaluate_runner(runner, self.records, self.dataset_meta)
+            run = EvalRun.from_result(name, int(self.meta.input_size[0]), int(self.meta.num_proposals), result,
+                                      self.data_info.get("dir", ""))  # fmt: skip
+            self.evals[name] = run
+            run.save(self.results / EVAL_DIR / f"{eval_key(name, None, None)}.json", force=True)
+            done.append(f"{name} {run.pq:.1f}")
+        return "PQ " + ", ".join(done)
+
+    def _bench_plan(self) -> tuple[list[int] | None, list[int] | None]:
+        native_size, native_n = int(self.meta.input_size[0]), int(self.meta.num_proposals)
+        if self.o.quick:
+            return list(self.o.sizes) if self.o.sizes else None, list(self.o.proposals) if self.o.proposals else None
+        sizes = list(self.o.sizes or BENCH_SIZES)
+        proposals = list(self.o.proposals or BENCH_PROPOSALS)
+        sizes = [native_size] + [s for s in sizes if s != native_size]
+        proposals = [native_n] + [n for n in proposals if n != native_n]
+        return sizes, proposals
+
+    def step_bench(self) -> str:
+        from maskconver_deploy.bench import QUICK_RUNS, QUICK_WARMUP, BenchOptions, run_bench
+
+        from maskconver_deploy.bench import plan_configs
+
+        sizes, proposals = self._bench_plan()
+        names = self.ok_backends()
+        native = (int(self.meta.input_size[0]), int(self.meta.num_proposals))
+        per_config: dict[tuple[int, int], list[str]] = {}
+        for config in plan_configs(native, sizes, proposals, grid=False):
+            if config == (native[0], TARGET_PROPOSALS):  # the post-processing target: every fp32 runtime
+                per_config[config] = [n for n in names if self.precision_of(n) == "fp32"]
+            elif config != native:
+                per_config[config] = [n for n in names if n in SWEEP_BACKENDS]
+        options = BenchOptions(
+            backends=names,
+            config_backends=per_config,
+            sizes=sizes,
+            proposals=proposals,
+            threads=[self.o.threads],
+            warmup=QUICK_WARMUP if self.o.quick else 10,
+            runs=QUICK_RUNS if self.o.quick else 50,
+            profile=True,
+            calib=self.calib,
+            peak_matrix=512 if self.o.quick else 1536,
+        )
+        self.bench = run_bench(self.model_dir, options, log=lambda m: self.log("    " + m))
+        self.bench.save(self.results / BENCH_FILE, force=True)
+        self._eval_variants()
+        timed = sum(e.ok for e in self.bench.entries)
+        return f"{timed} timings, {len(self.bench.profiles)} profiles, {self.bench.seconds:.0f} s"
+
+    def _eval_variants(self) -> None:
+        """PQ at the other proposal counts (paper Table 3), with the fastest exact fp32 runtime there."""
+        from maskconver_deploy import backends
+        from maskconver_deploy.bench import VARIANTS_DIR, variant_name
+        from maskconver_deploy.evaluate import evaluate_runner
+
+        assert self.bench is not None
+        size = int(self.meta.input_size[0])
+        counts = sorted({e.proposals for e in self.bench.entries if e.size == size and e.proposals != self.meta.num_proposals})
+        evaluator = "ort" if "ort" in self.ok_backends() else "torch"
+        for n in counts:
+            folder = self.model_dir / VARIANTS_DIR / variant_name(size, n)
+            if not folder.is_dir():
+                continue
+            runner = backends.open_runner(evaluator, model_dir=folder, threads=self.o.threads)
+            with runner:
+                result = evaluate_runner(runner, self.records, self.dataset_meta)
+            run = EvalRun.from_result(evaluator, size, n, result, self.data_info.get("dir", ""))
+            run.save(self.results / EVAL_DIR / f"{eval_key(evaluator, size, n)}.json", force=True)
+            self.log(f"    PQ at {n} proposals ({evaluator}): {run.pq:.2f}")
+
+    def step_overlays(self) -> str:
+        from maskconver_deploy import backends
+        from maskconver_deploy.data import load_example
+
+        record = self.records[0]
+        image, gt_ids = load_example(record)
+        colors = [c.color for c in self.meta.categories]
+        gt = self._gt_panoptic(gt_ids, record)
+        folder = self.results / OVERLAY_DIR
+        _save_png(folder / "0-ground-truth.png", overlay(image, gt, colors), force=True)
+        self.overlays["ground truth"] = f"{OVERLAY_DIR}/0-ground-truth.png"
+        for name in self.ok_backends():
+            runner = backends.open_runner(name, model_dir=self.model_dir, threads=self.o.threads)
+            with runner:
+                out = runner.predict(image)
+            _save_png(folder / f"{name}.png", overlay(image, out.panoptic, colors), force=True)
+            self.overlays[name] = f"{OVERLAY_DIR}/{name}.png"
+        return f"{len(self.overlays)} overlays of {Path(str(record.image_path)).name}"
+
+    def _gt_panoptic(self, ids: np.ndarray, record: Any) -> np.ndarray:
+        """Ground truth in the model's encoding ((class + 1) * divisor + instance), for drawing."""
+        out = np.zeros(ids.shape, dtype=np.int64)
+        for index, seg in enumerate(record.segments, start=1):
+            cls = self.dataset_meta.class_index(seg.category_id)
+            isthing = self.dataset_meta.categories[cls].isthing
+            out[ids == seg.id] = (cls + 1) * LABEL_DIVISOR + (index if isthing else 0)
+        return out
+
+    def step_report(self) -> str:
+        from maskconver_deploy.report import write_report
+
+        written = write_report(self.results, self.out, force=True)
+        return f"{written['markdown']}, {written['html']}"
+
+    # -- driver -------------------------------------------------------------------------------------------------
+    def record(self, steps: list[dict[str, Any]], seconds: float) -> PipelineRecord:
+        model = {}
+        if self.meta is not None:
+            model = {"preset": self.meta.preset, "input_size": list(self.meta.input_size), "num_proposals": self.meta.num_proposals}
+        if self.bench is not None:
+            model |= {"params": self.bench.model.get("params"), "macs": self.bench.model.get("macs")}
+        return PipelineRecord(
+            created=datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            checkpoint=str(self.o.checkpoint),
+            checkpoint_sha256=sha256_file(self.o.checkpoint),
+            data=self.data_info,
+            model=model,
+            steps=steps,
+            backends=[s.to_dict() for s in self.states.values()],
+            overlays=self.overlays,
+            options={"backends": self.o.backends, "quick": self.o.quick, "threads": self.o.threads,
+                     "calibration": str(self.calib) if self.calib else None, "work": str(self.work)},  # fmt: skip
+            seconds=round(seconds, 2),
+        )
+
+    def run(self, bar: Any | None = None) -> PipelineRecord:
+        self.check_inputs()
+        started = time.perf_counter()
+        if self.results.exists():
+            shutil.rmtree(self.results)
+        self.results.mkdir(parents=True)
+        steps = Steps(self.log, bar)
+        steps.run("data", self.step_data)
+        steps.run("export", self.step_export)
+        steps.run("compile", self.step_compile)
+        steps.run("parity", self.step_parity)
+        steps.run("eval", self.step_eval)
+        steps.run("bench", self.step_bench)
+        steps.run("overlays", self.step_overlays)
+        # the record goes in before the report so the report can show the steps; rewritten once the report is done
+        self.record(steps.records, time.perf_counter() - started).save(self.results / PIPELINE_FILE, force=True)
+        steps.run("report", self.step_report)
+        record = self.record(steps.records, time.perf_counter() - started)
+        record.save(self.results / PIPELINE_FILE, force=True)
+        return record
+
+
+def summary_rows(pipeline: Pipeline) -> list[dict[str, Any]]:
+    """The terminal's final table: one row per backend."""
+    from maskconver_deploy.report import model_proposals, model_size
+
+    rows = []
+    bench = pipeline.bench
+    parity = {c.get("backend"): c for c in (pipeline.parity or {}).get("candidates", [])}
+    ref = pipeline.evals.get("torch")
+    for name, state in pipeline.states.items():
+        row: dict[str, Any] = {"backend": name, "status": state.status}
+        if state.status != STATUS_OK:
+            row["note"] = state.reason + (f" ({state.hint})" if state.hint else "")
+            rows.append(row)
+            continue
+        run = pipeline.evals.get(name)
+        row["PQ"] = run.pq if run else None
+        row["ΔPQ"] = (run.pq - ref.pq) if run and ref else None
+        row["parity"] = parity.get(name, {}).get("verdict", "reference" if name == "torch" else "-")
+        if bench is not None:
+            e = bench.find(name, "panoptic", model_size(bench), model_proposals(bench), pipeline.o.threads)
+            if e is not None:
+                row["median ms"] = e.median_ms
+                row["vs torch"] = e.speedup_vs_torch
+                row["MB"] = (e.artifact_bytes or 0) / 1e6
+        rows.append(row)
+    return rows

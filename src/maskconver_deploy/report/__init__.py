@@ -1,0 +1,553 @@
+"""`maskconver report`: a results folder -> report.md + a self-contained report.html + plots/*.png.
+
+Reads only result files (`maskconver_deploy.results`); never imports the model or a backend. The document is
+built once as blocks (`report.markdown`) and rendered twice, so the two files say the same thing.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from maskconver_deploy.errors import UserError
+from maskconver_deploy.fileio import atomic_path, write_bytes
+from maskconver_deploy.report.markdown import Block, Bullets, Heading, Image, ImageRow, Para, Table, render_markdown
+from maskconver_deploy.results import (
+    SPAN_END_TO_END,
+    SPAN_NETWORK,
+    STATUS_OK,
+    BenchEntry,
+    BenchResult,
+    ResultsBundle,
+    load_results,
+)
+
+REPORT_MD = "report.md"
+REPORT_HTML = "report.html"
+PLOTS = "plots"
+
+# Performance targets (issue: at 256x256, 2 threads, the shipped model).
+TARGET_SIZE = 256
+TARGET_THREADS = 2
+TARGET_SPEEDUP = 2.0
+TARGET_POST_SHARE = 0.20
+TARGET_POST_PROPOSALS = 100
+REFERENCE = "torch"
+INT8_PRECISIONS = ("int8-dynamic", "int8-static", "int8")
+
+# The paper's numbers (MaskConver, MobileNet-MH on COCO panoptic val; Tables 1-3). Reference only: never mixed
+# into the measured tables.
+PAPER_TABLE_1 = [
+    ["640", "3.99M", "9.53B", "37.2", "Pixel 6 CPU 244.5 ms (model only)"],
+    ["256", "3.99M", "1.54B", "29.7", "Pixel 6 CPU 33.49 ms (model only)"],
+]
+PAPER_TABLE_2 = [
+    ["256", "1.54B", "29.7", "17.12", "10.48", "46.9", "33.2"],
+    ["384", "3.37B", "33.8", "18.14", "14.62", "117.1", "66.8"],
+    ["640", "9.58B", "37.2", "24.93", "24.93", "347.9", "172.1"],
+]
+PAPER_TABLE_3 = [
+    ["100", "1.57B", "29.9", "11.53", "66.8", "46.9"],
+    ["50", "1.55B", "29.7", "10.48", "46.9", "33.2"],
+    ["20", "1.54B", "29.6", "9.41", "40.7", "31.2"],
+    ["15", "1.53B", "29.2", "8.9", "39.9", "29.3"],
+    ["10", "1.53B", "27.1", "8.61", "36.6", "27.9"],
+]
+
+
+@dataclass
+class TargetLine:
+    """One checked performance target for one backend (or pair)."""
+
+    target: str
+    subject: str
+    status: str  # "met", "missed", "not measured"
+    detail: str
+    where: list[str] = field(default_factory=list)  # where the time goes, for a miss
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Formatting helpers
+# ---------------------------------------------------------------------------------------------------------------
+def _f(value: float | None, digits: int = 2, suffix: str = "") -> str:
+    if value is None:
+        return "-"
+    return f"{value:.{digits}f}{suffix}"
+
+
+def _threads(value: int | None) -> str:
+    return "default" if value is None else str(value)
+
+
+def _load(values: Any) -> str:
+    return " ".join(str(v) for v in values) if isinstance(values, list) and values else "-"
+
+
+def _mb(nbytes: int | None) -> str:
+    return "-" if nbytes is None else f"{nbytes / 1e6:.2f}"
+
+
+def _order(bench: BenchResult) -> dict[str, int]:
+    return {name: index for index, name in enumerate(bench.backends())}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Facts derived from the results
+# ---------------------------------------------------------------------------------------------------------------
+def model_size(bench: BenchResult) -> int:
+    size = bench.model.get("input_size") or [0, 0]
+    return int(size[0])
+
+
+def model_proposals(bench: BenchResult) -> int:
+    return int(bench.model.get("num_proposals") or 0)
+
+
+def reference_pq(bundle: ResultsBundle, size: int | None, proposals: int | None) -> float | None:
+    run = bundle.eval_for(REFERENCE, size, proposals)
+    return run.pq if run is not None else None
+
+
+def pq_and_delta(bundle: ResultsBundle, entry: BenchEntry) -> tuple[float | None, float | None]:
+    """PQ of this backend at this setting, and its delta against the PyTorch reference (parity's when it has one)."""
+    run = bundle.eval_for(entry.backend, entry.size, entry.proposals)
+    pq = run.pq if run is not None else None
+    delta = None
+    native = bundle.bench is not None and (entry.size, entry.proposals) == (model_size(bundle.bench), model_proposals(bundle.bench))
+    parity = bundle.parity_for(entry.backend) if native else None
+    if parity is not None and parity.delta_pq is not None:
+        delta = parity.delta_pq
+        if pq is None:
+            pq = parity.pq
+    elif pq is not None:
+        ref = reference_pq(bundle, entry.size, entry.proposals)
+        delta = None if ref is None else pq - ref
+    return pq, delta
+
+
+def post_share(e2e: BenchEntry, raw: BenchEntry) -> float:
+    """Share of the end-to-end median spent outside the network (resize + merge), from the two graphs' medians."""
+    total = e2e.median_ms or 0.0
+    return (total - (raw.median_ms or 0.0)) / total if total > 0 else 0.0
+
+
+def _top_ops(bench: BenchResult, entry: BenchEntry, count: int = 5) -> list[str]:
+    profile = bench.profile_for(entry.backend, entry.size, entry.proposals, entry.threads, entry.graph)
+    if profile is None:
+        return []
+    ops = sorted(profile.op_types, key=lambda o: o.share, reverse=True)[:count]
+    head = f"ONNX Runtime profile of {entry.backend} ({profile.runs} runs, {profile.node_ms_per_run:.2f} ms of node time per run):"
+    return [head] + [f"{o.op_type}: {100 * o.share:.1f}% ({o.ms_per_run:.2f} ms/run, {o.nodes} nodes)" for o in ops]
+
+
+def _where(bench: BenchResult, entry: BenchEntry) -> list[str]:
+    """Where the time of `entry` goes: its ORT profile, else the network/post-processing split, else a hint."""
+    lines = _top_ops(bench, entry)
+    raw = bench.find(entry.backend, "raw", entry.size, entry.proposals, entry.threads)
+    if raw is not None and entry.graph == "panoptic":
+        lines.append(
+            f"network alone {raw.median_ms:.2f} ms, post-processing {entry.median_ms - raw.median_ms:.2f} ms "
+            f"({100 * post_share(entry, raw):.0f}% of end to end)"
+        )
+    if not lines:
+        lines.append("no profile of this backend in these results (ONNX Runtime backends: `maskconver bench --profile`)")
+    return lines
+
+
+def _target_config(bench: BenchResult) -> tuple[int, int | None, bool]:
+    """(size, threads, threads_measured) the targets are checked at."""
+    sizes = {e.size for e in bench.entries if e.ok}
+    size = TARGET_SIZE if TARGET_SIZE in sizes else model_size(bench)
+    measured = any(e.ok and e.threads == TARGET_THREADS for e in bench.entries)
+    return size, TARGET_THREADS, measured
+
+
+def check_targets(bench: BenchResult) -> list[TargetLine]:
+    """The three performance targets, one line per backend, each met / missed by how much / not measured."""
+    size, threads, measured = _target_config(bench)
+    native_n = model_proposals(bench)
+    lines: list[TargetLine] = []
+    t1 = f"every deployed fp32 backend >= {TARGET_SPEEDUP:.0f}x faster end to end than PyTorch eager"
+    t2 = f"fused post-processing <= {100 * TARGET_POST_SHARE:.0f}% of end to end at {TARGET_POST_PROPOSALS} proposals"
+    t3 = "each int8 variant faster than its fp32 parent"
+    if not measured:
+        for target in (t1, t2, t3):
+            lines.append(TargetLine(target, "all", "not measured", f"no timings at {TARGET_THREADS} threads in these results"))
+        return lines
+    entries = [e for e in bench.entries if e.size == size and e.threads == threads]
+
+    # 1. speed-up of deployed fp32 backends
+    ref = bench.find(REFERENCE, "panoptic", size, native_n, threads)
+    fp32 = [e for e in entries if e.graph == "panoptic" and e.proposals == native_n and e.precision == "fp32"
+            and not e.family.startswith("torch")]  # fmt: skip
+    if not fp32:
+        lines.append(TargetLine(t1, "-", "not measured", "no deployed fp32 backend in these results"))
+    for e in fp32:
+        if not e.ok:
+            lines.append(TargetLine(t1, e.backend, "not measured", f"{e.status}: {e.reason}"))
+            continue
+        if ref is None:
+            lines.append(TargetLine(t1, e.backend, "not measured", "PyTorch eager was not timed in the same run"))
+            continue
+        speedup = ref.median_ms / e.median_ms
+        need = ref.median_ms / TARGET_SPEEDUP
+        base = f"{speedup:.2f}x (PyTorch {ref.median_ms:.2f} ms -> {e.median_ms:.2f} ms)"
+        if speedup >= TARGET_SPEEDUP:
+            lines.append(TargetLine(t1, e.backend, "met", f"{base}; margin {e.median_ms - need:+.2f} ms vs the {need:.2f} ms bound"))
+        else:
+            detail = (f"{base}; missed by {TARGET_SPEEDUP - speedup:.2f}x: needs <= {need:.2f} ms, "
+                      f"{e.median_ms - need:.2f} ms ({100 * (e.median_ms / need - 1):.0f}%) too slow")  # fmt: skip
+            lines.append(TargetLine(t1, e.backend, "missed", detail, _where(bench, e)))
+
+    # 2. post-processing share at 100 proposals
+    pan = [e for e in entries if e.graph == "panoptic" and e.proposals == TARGET_POST_PROPOSALS and e.ok]
+    if not pan:
+        lines.append(TargetLine(t2, "-", "not measured", f"no end-to-end timings at {TARGET_POST_PROPOSALS} proposals, size {size}"))
+    for e in pan:
+        raw = bench.find(e.backend, "raw", size, TARGET_POST_PROPOSALS, threads)
+        if raw is None:
+            lines.append(TargetLine(t2, e.backend, "not measured", "no network-alone (raw graph) timing to split against"))
+            continue
+        share = post_share(e, raw)
+        base = f"{100 * share:.1f}% ({e.median_ms - raw.median_ms:.2f} ms of {e.median_ms:.2f} ms)"
+        if share <= TARGET_POST_SHARE:
+            lines.append(TargetLine(t2, e.backend, "met", base))
+        else:
+            over = 100 * (share - TARGET_POST_SHARE)
+            allowed = TARGET_POST_SHARE / (1 - TARGET_POST_SHARE) * raw.median_ms
+            detail = (f"{base}; missed by {over:.1f} percentage points: post-processing must fall to "
+                      f"<= {allowed:.2f} ms at this network time")  # fmt: skip
+            lines.append(TargetLine(t2, e.backend, "missed", detail, _where(bench, e)))
+
+    # 3. int8 faster than its fp32 parent
+    int8 = [e for e in entries if e.graph == "panoptic" and e.proposals == native_n and e.precision in INT8_PRECISIONS]
+    if not int8:
+        lines.append(TargetLine(t3, "-", "not measured", "no int8 variant in these results"))
+    for e in int8:
+        parent = bench.find(e.family, "panoptic", size, native_n, threads)
+        if not e.ok:
+            lines.append(TargetLine(t3, e.backend, "not measured", f"{e.status}: {e.reason}"))
+            continue
+        if parent is None:
+            lines.append(TargetLine(t3, e.backend, "not measured", f"its fp32 parent {e.family} was not timed in the same run"))
+            continue
+        ratio = parent.median_ms / e.median_ms
+        base = f"{e.median_ms:.2f} ms vs {parent.backend} {parent.median_ms:.2f} ms ({ratio:.2f}x)"
+        if e.median_ms < parent.median_ms:
+            lines.append(TargetLine(t3, e.backend, "met", base))
+        else:
+            detail = f"{base}; missed: {e.median_ms - parent.median_ms:.2f} ms ({100 * (e.median_ms / parent.median_ms - 1):.0f}%) slower"
+            where = _where(bench, e)
+            parent_ops = _top_ops(bench, parent, 3)
+            if parent_ops:
+                where += ["fp32 parent, for comparison: " + "; ".join(parent_ops[1:])]
+            lines.append(TargetLine(t3, e.backend, "missed", detail, where))
+    return lines
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Sections
+# ---------------------------------------------------------------------------------------------------------------
+def _machine_section(bench: BenchResult) -> list[Block]:
+    m = bench.machine
+    versions = m.get("versions") or {}
+    peak = ", ".join(f"{_threads(p.get('threads'))} thr: {p['gflops']:.1f} GFLOP/s" for p in bench.peak) or "-"
+    rows = [
+        ["CPU", str(m.get("cpu", "-"))],
+        ["cores (logical / usable by this process)", f"{m.get('cores', '-')} / {m.get('cores_usable', '-')}"],
+        ["CPU flags of note", ", ".join(m.get("cpu_flags") or []) or "-"],
+        ["memory", f"{m.get('memory_gb', '-')} GB"],
+        ["platform", str(m.get("platform", "-"))],
+        ["Python", str(m.get("python", "-"))],
+        ["libraries", ", ".join(f"{k} {v}" for k, v in sorted(versions.items())) or "-"],
+        ["thread settings", str(m.get("thread_settings", "-"))],
+        ["load average (1, 5, 15 min) at start / end", f"{_load(m.get('loadavg_start'))} / {_load(m.get('loadavg_end'))}"],
+        ["measured float32 matmul peak", f"{peak} ({bench.peak[0].get('method', '') if bench.peak else ''})"],
+    ]
+    return [Heading(2, "Machine and versions"), Table(["", "value"], rows)]
+
+
+def _protocol_section(bench: BenchResult) -> list[Block]:
+    p = bench.protocol
+    items = [
+        f"Warm-up {p.get('warmup')} runs per artifact, then {p.get('runs')} timed runs; {p.get('order', '')}.",
+        f"Span timed, {SPAN_END_TO_END}.",
+        f"Second span, {SPAN_NETWORK}.",
+        "Speed-up = median(PyTorch eager) / median(backend), both from this run, same graph, size, proposals and threads.",
+        "Floor = the model's multiply-accumulates x 2 / this machine's measured float32 matmul peak at the same "
+        "thread count; '% of floor' = floor / median (100% = running at the matmul peak).",
+        f"Memory: {p.get('memory_method', '-')}.",
+        f"Input: {p.get('image', '-')}. No outlier is removed; median, p90, mean and std are over all timed runs.",
+    ]
+    return [Heading(2, "How it was measured"), Bullets(items)]
+
+
+def _main_table(bundle: ResultsBundle) -> list[Block]:
+    bench = bundle.bench
+    assert bench is not None
+    native_n = model_proposals(bench)
+    params = (bench.model.get("params") or {}).get("total")
+    order = _order(bench)
+    rows = []
+    entries = [e for e in bench.entries if e.graph == "panoptic" and e.proposals == native_n and e.ok]
+    entries.sort(key=lambda e: (e.threads or 0, e.size, order.get(e.backend, 99)))
+    for e in entries:
+        pq, delta = pq_and_delta(bundle, e)
+        native = e.size == model_size(bench)
+        parity = bundle.parity_for(e.backend) if native else None
+        floor = f"{100 * e.floor_ms / e.median_ms:.0f}%" if e.floor_ms and e.median_ms else "-"
+        rows.append([
+            e.backend, e.precision, f"{e.size}", _threads(e.threads),
+            _f(params / 1e6 if params else None, 3), _f(e.macs.get("total", 0) / 1e9 if e.macs else None, 3),
+            _f(pq), _f(delta, 2), parity.verdict if parity else ("-" if native else "n/a (other size)"),
+            _f(e.median_ms), _f(e.latency_ms.p90 if e.latency_ms else None),
+            _f(e.speedup_vs_torch, 2, "x"), floor, _mb(e.artifact_bytes),
+            _f(e.memory.get("peak_delta_mb"), 1),
+        ])  # fmt: skip
+    columns = ["backend", "precision", "size", "threads", "params (M)", "MACs (G)", "PQ", "ΔPQ vs ref", "parity",
+               "median ms", "p90 ms", "speed-up vs PyTorch", "% of floor", "artifact MB", "peak mem MB"]  # fmt: skip
+    caption = f"End to end at {native_n} proposals (the model's own setting), measured on this machine"
+    blocks: list[Block] = [Heading(2, "Results: backend x precision x size"), Table(columns, rows, caption, status_column="parity")]
+    skipped = [e for e in bench.entries if not e.ok]
+    if skipped:
+        seen: set[tuple[str, str, str]] = set()
+        srows = []
+        for e in skipped:
+            key = (e.backend, e.status, e.reason)
+            if key in seen:
+                continue
+            seen.add(key)
+            srows.append([e.backend, e.graph, e.status, e.reason or "-", e.hint or "-"])
+        blocks.append(Table(["backend", "graph", "status", "reason", "how to get it"], srows, "Not timed", status_column="status"))
+    return blocks
+
+
+def _proposals_table(bundle: ResultsBundle) -> list[Block]:
+    bench = bundle.bench
+    assert bench is not None
+    size = model_size(bench)
+    order = _order(bench)
+    entries = [e for e in bench.entries if e.graph == "panoptic" and e.size == size and e.ok]
+    counts = sorted({e.proposals for e in entries}, reverse=True)
+    if len(counts) < 2:
+        return []
+    rows = []
+    for e in sorted(entries, key=lambda e: (e.threads or 0, order.get(e.backend, 99), -e.proposals)):
+        raw = bench.find(e.backend, "raw", e.size, e.proposals, e.threads)
+        run = bundle.eval_for(e.backend, e.size, e.proposals)
+        rows.append([
+            e.backend, str(e.proposals), _threads(e.threads), _f(e.median_ms), _f(raw.median_ms if raw else None),
+            f"{100 * post_share(e, raw):.0f}%" if raw else "-", _f(run.pq if run else None),
+        ])  # fmt: skip
+    return [
+        Heading(3, f"By number of proposals (size {size})"),
+        Table(["backend", "N", "threads", "end to end ms", "network alone ms", "post-processing share", "PQ"], rows),
+    ]
+
+
+def _targets_section(bundle: ResultsBundle, lines: list[TargetLine]) -> list[Block]:
+    bench = bundle.bench
+    assert bench is not None
+    size, threads, _ = _target_config(bench)
+    checkpoint = bundle.pipeline.checkpoint if bundle.pipeline else bench.model.get("checkpoint", "-")
+    intro = (f"Checked at {size}x{size}, {threads} threads, model {bench.model.get('preset', '-')} "
+             f"(checkpoint {checkpoint}), from the timings above.")  # fmt: skip
+    rows = [[t.target, t.subject, t.status, t.detail] for t in lines]
+    blocks: list[Block] = [Heading(2, "Performance targets"), Para(intro),
+                           Table(["target", "backend", "status", "detail"], rows, status_column="status")]  # fmt: skip
+    misses = [t for t in lines if t.status == "missed" and t.where]
+    if misses:
+        blocks.append(Heading(3, "Where the time goes (missed targets)"))
+        for t in misses:
+            blocks.append(Para(f"{t.subject} — {t.target}:"))
+            blocks.append(Bullets(t.where))
+    met = sum(t.status == "met" for t in lines)
+    missed = sum(t.status == "missed" for t in lines)
+    blocks.append(Para(f"{met} met, {missed} missed, {len(lines) - met - missed} not measured.", kind="note"))
+    return blocks
+
+
+def _paper_section() -> list[Block]:
+    note = ("The paper's own numbers (MaskConver with MobileNet-MH on COCO panoptic val, Tables 1-3), for reference "
+            "only: another model size (133 classes), other data and other hardware. They are never mixed into the "
+            "measured tables above. The paper's 'FLOPs' are multiply-accumulates.")  # fmt: skip
+    return [
+        Heading(2, "Paper reference (not measured here)"),
+        Para(note, kind="note"),
+        Table(["input", "params", "MACs", "PQ", "latency"], PAPER_TABLE_1, "Paper Table 1"),
+        Table(["input", "MACs", "PQ", "V100 ms (output 640)", "V100 ms (same size)", "Pixel 6 CPU ms", "Pixel 6 GPU ms"],
+              PAPER_TABLE_2, "Paper Table 2 (with post-processing)"),  # fmt: skip
+        Table(["proposals", "MACs", "PQ", "V100 ms (256)", "Pixel 6 CPU ms", "Pixel 6 GPU ms"], PAPER_TABLE_3,
+              "Paper Table 3 (256 input)"),  # fmt: skip
+    ]
+
+
+def _pipeline_section(bundle: ResultsBundle) -> list[Block]:
+    record = bundle.pipeline
+    if record is None:
+        return []
+    rows = [[s.get("name", ""), s.get("status", ""), _f(s.get("seconds"), 1), s.get("detail", "")] for s in record.steps]
+    brows = [[b.get("backend", ""), b.get("status", ""), b.get("reason", "") or "-", b.get("hint", "") or "-",
+              _f(b.get("compile_s"), 1)] for b in record.backends]  # fmt: skip
+    data = record.data
+    items = [
+        f"checkpoint {record.checkpoint} (sha256 {record.checkpoint_sha256[:12]}...)",
+        f"data {data.get('dir', '-')} split {data.get('split', '-')}, {data.get('n_images', '-')} images"
+        + (" (generated for this run)" if data.get("generated") else ""),
+        f"total {record.seconds:.0f} s",
+    ]
+    return [
+        Heading(2, "Pipeline run"),
+        Bullets(items),
+        Table(["step", "status", "seconds", "detail"], rows, status_column="status"),
+        Table(["backend", "status", "reason", "how to get it", "compile s"], brows, "Backends", status_column="status"),
+    ]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Plots
+# ---------------------------------------------------------------------------------------------------------------
+def _plots(bundle: ResultsBundle, folder: Path) -> list[Block]:
+    from maskconver_deploy.report import plots
+
+    bench = bundle.bench
+    assert bench is not None
+    size, native_n = model_size(bench), model_proposals(bench)
+    threads = TARGET_THREADS if any(e.ok and e.threads == TARGET_THREADS for e in bench.entries) else None
+    if threads is None:
+        counted = [e.threads for e in bench.entries if e.ok]
+        threads = counted[0] if counted else None
+    tlabel = f"{_threads(threads)} threads"
+    blocks: list[Block] = [Heading(2, "Plots")]
+
+    points = []
+    for e in bench.entries:
+        if e.ok and e.graph == "panoptic" and (e.size, e.proposals, e.threads) == (size, native_n, threads):
+            pq, _ = pq_and_delta(bundle, e)
+            if pq is not None:
+                points.append((e.backend, e.median_ms, pq))
+    if points:
+        plots.pq_vs_latency(points, folder / "pq_vs_latency.png", f"PQ vs latency, {size}x{size}, N={native_n}, {tlabel}")
+        blocks.append(Image(f"{PLOTS}/pq_vs_latency.png", "PQ vs latency", "PQ against median end-to-end latency; "
+                            "the dashed line joins the backends no other beats on both."))  # fmt: skip
+
+    series: dict[str, list[tuple[int, float]]] = {}
+    raw_series: dict[str, list[tuple[int, float]]] = {}
+    for e in bench.entries:
+        if e.ok and e.proposals == native_n and e.threads == threads:
+            (series if e.graph == "panoptic" else raw_series).setdefault(e.backend, []).append((e.size, e.median_ms))
+    if len({s for values in series.values() for s, _ in values}) > 1:
+        plots.latency_vs_size(series, raw_series, folder / "latency_vs_size.png", f"Latency vs input size, N={native_n}, {tlabel}")
+        blocks.append(Image(f"{PLOTS}/latency_vs_size.png", "latency vs size", "Median latency by input size "
+                            "(the measured counterpart of the paper's Table 2)."))  # fmt: skip
+
+    lat: dict[str, list[tuple[int, float]]] = {}
+    for e in bench.entries:
+        if e.ok and e.graph == "panoptic" and e.size == size and e.threads == threads:
+            lat.setdefault(e.backend, []).append((e.proposals, e.median_ms))
+    lat = {k: v for k, v in lat.items() if len(v) > 1}
+    if lat:
+        qual: dict[str, list[tuple[int, float]]] = {}
+        for run in bundle.evals:
+            if run.proposals is not None and run.size in (None, size):
+                qual.setdefault(run.backend, []).append((run.proposals, run.pq))
+        qual = {k: v for k, v in qual.items() if len(v) > 1}
+        plots.by_proposals(lat, qual, folder / "proposals.png", f"By number of proposals, {size}x{size}, {tlabel}")
+        blocks.append(Image(f"{PLOTS}/proposals.png", "latency and PQ vs proposals", "Latency and PQ by number of "
+                            "proposals (the measured counterpart of the paper's Table 3)."))  # fmt: skip
+
+    bars = []
+    n_split = TARGET_POST_PROPOSALS if bench.find(REFERENCE, "raw", size, TARGET_POST_PROPOSALS, threads) else native_n
+    for name in bench.backends():
+        e2e = bench.find(name, "panoptic", size, n_split, threads)
+        raw = bench.find(name, "raw", size, n_split, threads)
+        if e2e is not None and raw is not None:
+            bars.append((name, raw.median_ms, e2e.median_ms))
+    if bars:
+        plots.postprocess_share(bars, folder / "postprocess_share.png", f"Post-processing share, {size}x{size}, N={n_split}, {tlabel}")
+        blocks.append(Image(f"{PLOTS}/postprocess_share.png", "post-processing share", "Network alone vs the rest of "
+                            "the end-to-end time (mask upsampling + panoptic merge)."))  # fmt: skip
+
+    if bundle.overlays:
+        order = _order(bench)
+        named = sorted(bundle.overlays.items(), key=lambda kv: (not kv[0].startswith("0-"), order.get(kv[0], 99), kv[0]))
+        images = []
+        for name, png in named:
+            target = folder / f"overlay-{name}.png"
+            shutil.copyfile(png, target)
+            label = name[2:].replace("-", " ") if name.startswith("0-") else name
+            images.append(Image(f"{PLOTS}/{target.name}", f"{label} overlay", label))
+        plots.overlay_grid([(img.caption, folder / Path(img.path).name) for img in images], folder / "overlays.png",
+                           "The same validation image through each backend")  # fmt: skip
+        blocks.append(Heading(3, "Example overlays, one per backend"))
+        blocks.append(ImageRow(images))
+    if len(blocks) == 1:
+        blocks.append(Para("Not enough timings in these results for any plot."))
+    return blocks
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Entry point
+# ---------------------------------------------------------------------------------------------------------------
+def build_blocks(bundle: ResultsBundle, plot_folder: Path) -> tuple[list[Block], list[TargetLine]]:
+    """Every block of the report (drawing the plots into `plot_folder`) and the checked targets."""
+    bench = bundle.bench
+    assert bench is not None
+    targets = check_targets(bench)
+    model = bench.model
+    title = f"MaskConver deployment report: {model.get('preset', '?')}"
+    intro = (f"Measured {bench.created} from {bundle.root}. Model {model.get('preset', '?')} at "
+             f"{'x'.join(str(v) for v in model.get('input_size', []))}, {model.get('num_proposals', '?')} proposals, "
+             f"checkpoint sha256 {str(model.get('checkpoint_sha256', ''))[:12] or '-'}.")  # fmt: skip
+    blocks: list[Block] = [Heading(1, title), Para(intro)]
+    blocks += _machine_section(bench)
+    blocks += _protocol_section(bench)
+    blocks += _main_table(bundle)
+    blocks += _proposals_table(bundle)
+    blocks += _targets_section(bundle, targets)
+    blocks += _plots(bundle, plot_folder)
+    blocks += _pipeline_section(bundle)
+    blocks += _paper_section()
+    blocks.append(Para(f"Generated {datetime.now(UTC).strftime('%Y-%m-%d %H:%M UTC')} by `maskconver report`."))
+    return blocks, targets
+
+
+def write_report(results: str | Path, out: str | Path, force: bool = False) -> dict[str, Any]:
+    """Write OUT/report.md, OUT/report.html and OUT/plots/*.png from a results folder.
+
+    Refuses to overwrite an existing report unless `force`. Returns {"markdown", "html", "plots", "targets"}.
+    """
+    from maskconver_deploy.report.html import render_html
+
+    bundle = load_results(results)
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UserError("exists and is not a folder", out)
+    for name in (REPORT_MD, REPORT_HTML, PLOTS):
+        if (out / name).exists() and not force:
+            raise UserError("already exists; pass --force to overwrite it", out / name)
+    with tempfile.TemporaryDirectory(prefix="maskconver-report-") as scratch_name:
+        scratch = Path(scratch_name)
+        (scratch / PLOTS).mkdir()
+        blocks, targets = build_blocks(bundle, scratch / PLOTS)
+        title = str(blocks[0].text) if isinstance(blocks[0], Heading) else "MaskConver report"
+        markdown = render_markdown(blocks)
+        page = render_html(blocks, scratch, title)
+        out.mkdir(parents=True, exist_ok=True)
+        with atomic_path(out / PLOTS, force=force, suffix="") as tmp:
+            shutil.copytree(scratch / PLOTS, tmp)
+        write_bytes(out / REPORT_MD, markdown.encode(), force=force)
+        write_bytes(out / REPORT_HTML, page.encode(), force=force)
+    return {
+        "markdown": out / REPORT_MD,
+        "html": out / REPORT_HTML,
+        "plots": sorted((out / PLOTS).glob("*.png")),
+        "targets": [t.__dict__ for t in targets],
+    }
+
+
+__all__ = ["TargetLine", "build_blocks", "check_targets", "write_report", "STATUS_OK"]

@@ -1,0 +1,1 @@
+"""Training of the reference MaskConver: targets, losses, augmentation and the loop (torch is imported here)."""

@@ -1,0 +1,47 @@
+"""`maskconver pipeline --quick` end to end on the tiny model: every step runs for real, the report is rebuilt."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from maskconver_deploy.cli import app
+from maskconver_deploy.results import BenchResult, load_results
+
+_spec = importlib.util.spec_from_file_location(
+    "maskconver_tests_tinymodel", Path(__file__).resolve().parents[1] / "bench" / "tinymodel.py"
+)
+tinymodel = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(tinymodel)
+
+
+def test_pipeline_quick_end_to_end(tmp_path: Path) -> None:
+    checkpoint = tinymodel.make_checkpoint(tmp_path / "tiny.pt")
+    out = tmp_path / "reports" / "quick"
+    args = ["pipeline", "--checkpoint", str(checkpoint), "--backends", "torch,ort,tensorrt", "--out", str(out),
+            "--work", str(tmp_path / "work"), "--quick", "--n", "2", "--calib", str(tmp_path / "no-calibration")]  # fmt: skip
+    runner = CliRunner()
+    done = runner.invoke(app, args)
+    assert done.exit_code == 0, done.output
+    for name in ("report.md", "report.html", "results/bench.json", "results/pipeline.json", "results/eval/torch.json"):
+        assert (out / name).is_file(), name
+    record = json.loads((out / "results" / "pipeline.json").read_text())
+    assert [s["name"] for s in record["steps"]] == ["data", "export", "compile", "parity", "eval", "bench", "overlays", "report"]
+    assert all(s["status"] == "ok" for s in record["steps"])
+    states = {b["backend"]: b for b in record["backends"]}
+    assert states["ort"]["status"] == "ok" and states["torch"]["status"] == "ok"
+    assert states["tensorrt"]["status"] == "skipped" and states["tensorrt"]["reason"] and states["tensorrt"]["hint"]
+    bundle = load_results(out)
+    assert {r.backend for r in bundle.evals} >= {"torch", "ort"}
+    assert {"0-ground-truth", "torch", "ort"} <= set(bundle.overlays)
+    bench = BenchResult.load(out / "results" / "bench.json")
+    assert bench.find("ort", "panoptic") is not None and bench.find("torch", "raw") is not None
+    assert "ort" in done.output and "tensorrt" in done.output  # the final summary table lists skipped ones too
+
+    again = runner.invoke(app, args)
+    assert again.exit_code == 2 and "already exists" in again.output
+    rebuilt = runner.invoke(app, ["report", "--results", str(out), "--out", str(out), "--force"])
+    assert rebuilt.exit_code == 0, rebuilt.output
