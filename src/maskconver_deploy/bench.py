@@ -611,7 +611,7 @@ def run_bench(model_dir: str | Path, options: BenchOptions, log: Log | None = No
                 slot.runner.close()
                 if slot.entry.status == STATUS_OK and slot.samples:
                     slot.entry.samples_ms = [round(s, 4) for s in slot.samples]
-                    slot.entry.latency_ms = LatencyStats.from_ms(slot.samples)
+                    slot.entry.latency_ms = LatencyStats.from_ms(slot.entry.samples_ms)  # the stats of what is saved
             if options.profile and size == configs[0][0]:  # the profile explains the first size's timings
                 for entry in group:
                     if entry.ok and entry.family in ("ort", "ort-mobile"):

@@ -71,8 +71,8 @@ def test_scenes_have_the_hard_parts(scenes: list) -> None:  # type: ignore[type-
                 islands += int(parts >= 2)
             elif not seg.iscrowd:
                 sizes.append(max(seg.bbox[2], seg.bbox[3]))
-                small += int(8 <= max(seg.bbox[2], seg.bbox[3]) <= 15)
-    assert crowd >= 2 and void >= 5 and islands >= 5 and small >= 20
+                small += int(max(seg.bbox[2], seg.bbox[3]) <= 20)  # the small things are 12-19 px across
+    assert crowd >= 2 and void >= 5 and islands >= 5 and small >= 15
     assert max(sizes) > 60  # sizes vary from a few pixels to a sizeable part of the image
     per_image = [sum(1 for s in sc.segments if s.category_id not in stuff_ids) for sc in scenes]
     assert max(per_image) >= 6
@@ -91,9 +91,21 @@ def test_larger_n_only_adds_images(tmp_path: Path) -> None:
             assert ra.segments == rb.segments
 
 
+def test_val_only_folder_holds_the_same_val_images(tmp_path: Path) -> None:
+    write_dataset(tmp_path / "full", 9, size=64, seed=2, val_fraction=0.34)
+    only = write_dataset(tmp_path / "val", 9, size=64, seed=2, val_fraction=0.34, splits=("val",))
+    assert (only.n_train, only.n_val) == (0, 3) and not (tmp_path / "val" / "images" / "train").exists()
+    _, full = load_split(tmp_path / "full", "val")
+    _, val = load_split(tmp_path / "val", "val")
+    assert [r.image_id for r in val] == [r.image_id for r in full]
+    assert all(a.image_path.read_bytes() == b.image_path.read_bytes() and a.segments == b.segments for a, b in zip(val, full))
+
+
 def test_write_dataset_refuses_bad_arguments(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="val-fraction"):
         write_dataset(tmp_path / "x", 3, size=64, val_fraction=1.0)
+    with pytest.raises(UserError, match="splits"):
+        write_dataset(tmp_path / "x", 3, size=64, splits=("test",))
     with pytest.raises(UserError, match="--n"):
         write_dataset(tmp_path / "x", 0, size=64)
     assert not (tmp_path / "x").exists()

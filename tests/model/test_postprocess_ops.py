@@ -62,6 +62,31 @@ def test_top_proposals_order_and_decoding() -> None:
     assert centers[0, :3].tolist() == [[2, 3], [4, 0], [0, 4]]
 
 
+def test_top_proposals_break_ties_like_onnx_topk() -> None:
+    """Exactly equal scores (a saturated sigmoid) come lowest flat index first, as ONNX Runtime's TopK gives them."""
+    import numpy as np
+    import onnxruntime
+    from onnx import TensorProto, helper
+
+    generator = torch.Generator().manual_seed(0)
+    peaks = torch.randint(0, 4, (1, 3, 6, 6), generator=generator).float() / 3  # many exact ties (0, 1/3, 2/3, 1)
+    k = 40
+    _, classes, positions = top_proposals(peaks, k)
+    flat_index = (classes * 36 + positions)[0].tolist()
+    graph = helper.make_graph(
+        [helper.make_node("TopK", ["x", "k"], ["values", "indices"], largest=1, sorted=1)],
+        "topk",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 108])],
+        [helper.make_tensor_value_info("values", TensorProto.FLOAT, [1, k]),
+         helper.make_tensor_value_info("indices", TensorProto.INT64, [1, k])],
+        initializer=[helper.make_tensor("k", TensorProto.INT64, [1], [k])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    session = onnxruntime.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    _, onnx_index = session.run(None, {"x": peaks.flatten(1).numpy().astype(np.float32)})
+    assert flat_index == onnx_index[0].tolist()
+
+
 def test_hard_sigmoid_is_relu6_over_six() -> None:
     x = torch.tensor([-4.0, -3.0, 0.0, 1.5, 3.0, 5.0])
     assert torch.allclose(mask_probabilities(x), torch.tensor([0.0, 0.0, 0.5, 0.75, 1.0, 1.0]))

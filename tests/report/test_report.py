@@ -47,7 +47,8 @@ def test_html_is_self_contained(report_dir: Path) -> None:
     assert not re.search(r"<(link|script)\b", page)
     assert not re.search(r"""(src|href)\s*=\s*["'](?!data:)""", page)
     images = re.findall(r'<img src="data:image/png;base64,([A-Za-z0-9+/=]+)"', page)
-    assert len(images) >= 6
+    markdown_images = re.findall(r"!\[[^\]]*\]\(plots/[^)]+\.png\)", (report_dir / "report.md").read_text())
+    assert len(images) == len(markdown_images) >= 5  # every plot and overlay of the Markdown, inlined
     for data in images:
         assert base64.b64decode(data)[:8] == PNG_MAGIC
 

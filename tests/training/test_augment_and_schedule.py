@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from torch import nn
 
+from maskconver_deploy.errors import UserError
 from maskconver_deploy.training.augment import AugmentConfig, augment, resize_pair
-from maskconver_deploy.training.train import StreamSampler, collate, learning_rate, parameter_groups
+from maskconver_deploy.training.train import StreamSampler, TrainConfig, collate, learning_rate, parameter_groups
 
 
 def _scene() -> tuple[np.ndarray, np.ndarray]:
@@ -63,14 +66,29 @@ def test_stream_sampler_resume_and_ranks():
     full = list(StreamSampler(n=10, batch=3, steps=8, start=0, seed=1))
     tail = list(StreamSampler(n=10, batch=3, steps=8, start=5, seed=1))
     assert tail == full[5:]
-    epoch0 = [i for batch in full[:3] for i, _ in batch]
+    epoch0 = [i for batch in full[:3] for i, _, _ in batch]
     assert len(set(epoch0)) == 9  # the first 9 positions are distinct records of epoch 0
     r0 = list(StreamSampler(10, 2, 4, 0, seed=1, rank=0, world=2))
     r1 = list(StreamSampler(10, 2, 4, 0, seed=1, rank=1, world=2))
-    seeds0 = {s for b in r0 for _, s in b}
-    seeds1 = {s for b in r1 for _, s in b}
+    seeds0 = {s for b in r0 for _, s, _ in b}
+    seeds1 = {s for b in r1 for _, s, _ in b}
     assert not seeds0 & seeds1  # ranks see disjoint stream positions
     assert list(StreamSampler(10, 2, 4, 0, seed=2))[0] != list(StreamSampler(10, 2, 4, 0, seed=1))[0]
+    assert all(crop is None for batch in full for _, _, crop in batch)
+
+
+def test_early_crop_schedule():
+    config = TrainConfig(preset="shapes-256", data=Path("d"), out=Path("m.pt"), steps=6, early_size=128, early_steps=4)
+    spec = config.spec()
+    assert [config.crop_at(s, spec) for s in range(6)] == [(128, 128)] * 4 + [(256, 256)] * 2
+    sampler = StreamSampler(10, 2, 6, 3, seed=0, crop_at=lambda s: config.crop_at(s, spec))
+    assert [batch[0][2] for batch in sampler] == [(128, 128), (256, 256), (256, 256)]
+    # the crop does not change which records and augmentation seeds a step sees
+    plain = list(StreamSampler(10, 2, 6, 3, seed=0))
+    assert [[item[:2] for item in b] for b in sampler] == [[item[:2] for item in b] for b in plain]
+    for bad in ({"early_size": 120, "early_steps": 2}, {"early_steps": 2}):
+        with pytest.raises(UserError, match="--early-s"):
+            TrainConfig(preset="shapes-256", data=Path("d"), out=Path("m.pt"), **bad).validate()
 
 
 def test_collate_trims_slots_to_batch_maximum():

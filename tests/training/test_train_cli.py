@@ -62,9 +62,11 @@ def test_two_steps_write_a_loadable_checkpoint_and_resume(tiny_data: Path, tmp_p
     assert "resumed from" in log and "at step 2" in log and "step 3/3" in log
     # a new run initialised from the trained weights
     other = tmp_path / "init.pt"
-    code, output = _train("--data", str(tiny_data), "--out", str(other), "--steps", "1", "--init", str(out))
+    code, output = _train("--data", str(tiny_data), "--out", str(other), "--steps", "2", "--init", str(out),
+                          "--early-size", "32", "--early-steps", "1")
     assert code == 0, output
-    assert "initialised from" in (tmp_path / "init.train.log").read_text()
+    init_log = (tmp_path / "init.train.log").read_text()
+    assert "initialised from" in init_log and "(32x32 for steps < 1)" in init_log
     assert load_checkpoint(other)[2]["init"] == str(out)
     # nothing left to do
     code, output = _train("--data", str(tiny_data), "--out", str(out), "--steps", "3", "--resume")

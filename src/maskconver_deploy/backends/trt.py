@@ -824,7 +824,15 @@ def compile_onnx(
              "tensorrt_version": device.tensorrt_version, "input_shape": list(input_shape)},
         )
         source = calib if isinstance(calib, (str, Path)) else "calibration set"
-        batches = calibration_batches(calibration_set.images(), input_shape, input_dtype, source)
+        from maskconver_deploy.calibration import CalibrationSet
+
+        # a calibration folder is letterboxed to the engine's input size; other image sources must already have it
+        size = (int(input_shape[1]), int(input_shape[2]))
+        if isinstance(calibration_set, CalibrationSet):
+            images = calibration_set.images(size)
+        else:
+            images = calibration_set.images()
+        batches = calibration_batches(images, input_shape, input_dtype, source)
         nbytes = int(np.prod(input_shape)) * input_dtype.itemsize
         calibrator = _make_calibrator(trt, cudart, batches, nbytes, input_shape[0], net_input.name, cache)
         config.int8_calibrator = calibrator

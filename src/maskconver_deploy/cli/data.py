@@ -19,7 +19,7 @@ app = typer.Typer(
 def synth(
     out: Annotated[
         Path,
-        typer.Option("--out", "-o", help="Data folder to write (images/<split>, annotations/panoptic_<split>.json + PNGs)."),
+        typer.Option("--out", "-o", help="Data folder to write (images/SPLIT, annotations/panoptic_SPLIT.json + PNGs)."),
     ],
     n: Annotated[int, typer.Option("--n", min=1, help="Number of images (train + val).")] = 1000,
     size: Annotated[int, typer.Option("--size", min=32, help="Image side in pixels (square images).")] = 256,

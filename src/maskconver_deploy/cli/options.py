@@ -15,5 +15,5 @@ ThreadsOpt = Annotated[Optional[int], typer.Option("--threads", "-t", min=1, hel
 ForceOpt = Annotated[bool, typer.Option("--force", "-f", help="Overwrite existing outputs.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON instead of a table.")]
 JsonOutOpt = Annotated[Optional[Path], typer.Option("--json-out", help="Also write the result as JSON to this file.")]
-DataOpt = Annotated[Optional[Path], typer.Option("--data", "-d", help="COCO-panoptic data folder (images/<split>, annotations/panoptic_<split>.json + PNG folder).")]
+DataOpt = Annotated[Optional[Path], typer.Option("--data", "-d", help="COCO-panoptic data folder (images/SPLIT, annotations/panoptic_SPLIT.json + PNG folder).")]
 SplitOpt = Annotated[str, typer.Option("--split", help="Data split to use.")]

@@ -1,8 +1,165 @@
-"""PLACEHOLDER: replaced by the module's owner (the whole file)."""
+"""`maskconver parity`: does each artifact of a model folder give the reference's answer? (parity.py does the work.)
 
-from maskconver_deploy.errors import UserError
+Exit codes: 0 every candidate passed (or, with `all`, was skipped because it cannot run here); 1 a candidate
+failed its tolerance or raised; 2 bad input, or a candidate named explicitly that was skipped.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+
+from maskconver_deploy.cli.options import DataOpt, ForceOpt, JsonOpt, JsonOutOpt, ModelDirOpt, SplitOpt, ThreadsOpt
+from maskconver_deploy.errors import CheckFailed, UserError
+
+SYNTHETIC_SEED = 1  # the shipped model trains on seed-0 scenes: compare on scenes it has not seen
+SYNTHETIC_IMAGES = 50
+
+COLUMNS = ["backend", "precision", "pixel agr %", "category agr %", "top-N match %", "heatmap max abs err",
+           "PQ ref", "PQ cand", "ΔPQ", "verdict", "reason"]  # fmt: skip
 
 
-def parity() -> None:
-    """Not built yet."""
-    raise UserError("this command is not built yet")
+def candidate_names(text: str, reference: str) -> tuple[list[str], bool]:
+    """(names, explicit): 'all' -> every backend the toolkit knows except the reference; else the comma list."""
+    from maskconver_deploy.backends import parse_backend
+    from maskconver_deploy.bench import all_backend_names
+
+    ref = str(parse_backend(reference))
+    if text.strip().lower() == "all":
+        return [n for n in all_backend_names() if n != ref], False
+    names = [str(parse_backend(part)) for part in text.split(",") if part.strip()]
+    if not names:
+        raise UserError("--candidates is empty")
+    return names, True
+
+
+def _short(reason: str) -> str:
+    """A reason without the leading 'PATH: ' of a file error (the table has no room for paths twice)."""
+    head, sep, rest = reason.partition(": ")
+    return rest if sep and "/" in head and " " not in head else reason
+
+
+def table_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
+    rows = []
+    for c in result["candidates"]:
+        decision, metric, tensor = c.get("decision") or {}, c.get("metric") or {}, c.get("tensor") or {}
+        heatmap = (tensor.get("heatmap") or {}).get("max_abs_err") if tensor.get("available") else None
+        rows.append({
+            "backend": c["backend"], "precision": c["precision"],
+            "pixel agr %": decision.get("pixel_agreement"), "category agr %": decision.get("category_agreement"),
+            "top-N match %": decision.get("topn_match"),
+            "heatmap max abs err": f"{heatmap:.2e}" if heatmap is not None else "-",
+            "PQ ref": metric.get("pq_reference"), "PQ cand": metric.get("pq"), "ΔPQ": metric.get("delta_pq"),
+            "verdict": c["verdict"], "reason": _short(c.get("reason", "")) + (f" ({c['hint']})" if c.get("hint") else ""),
+        })  # fmt: skip
+    return rows
+
+
+def _print(result: dict[str, Any]) -> None:
+    from maskconver_deploy.cli.console import fmt, log, print_table
+
+    title = f"parity against {result['reference']} on {result['n_images']} images ({result['model_dir']})"
+    print_table(table_rows(result), columns=COLUMNS, title=title)
+    for c in result["candidates"]:
+        b = c.get("bisect")
+        if not b:
+            continue
+        if not b.get("ran"):
+            log(f"bisect {c['backend']}: {b.get('reason')}")
+        elif b.get("first_node"):
+            node = b["first_node"]
+            changed = f"; changed weights: {', '.join(node['changed_inputs'])}" if node.get("changed_inputs") else ""
+            log(f"bisect {c['backend']}: first node outside tolerance: {node['name']} ({node['op_type']}), output "
+                f"{node['output']}: {node.get('problem')}, max abs err {fmt(node.get('max_abs_err'), 4)}{changed} "
+                f"[image {b.get('image')}, source {b.get('source_note')}]")  # fmt: skip
+        else:
+            log(f"bisect {c['backend']}: {b.get('reason')} ({b.get('tensors_compared', 0)} tensors compared)")
+
+
+ReferenceOpt = Annotated[str, typer.Option("--reference", "-r", help="Backend whose answers are the reference.")]
+CandidatesOpt = Annotated[
+    str,
+    typer.Option("--candidates", help="Comma list of backends to compare (ort,ort-mobile,ort-int8-static,...), or "
+                 "'all'."),
+]  # fmt: skip
+CountOpt = Annotated[
+    Optional[int],
+    typer.Option("--n", min=1, help="Compare on the first N images (default: all; 50 generated ones without --data)."),
+]
+BisectOpt = Annotated[
+    bool,
+    typer.Option("--bisect", help="On a failing fp32 ONNX Runtime candidate, find the first ONNX node outside "
+                 "tolerance."),
+]  # fmt: skip
+
+
+def parity(
+    model_dir: ModelDirOpt = None,
+    reference: ReferenceOpt = "torch",
+    candidates: CandidatesOpt = "all",
+    data: DataOpt = None,
+    split: SplitOpt = "val",
+    n: CountOpt = None,
+    threads: ThreadsOpt = None,
+    bisect: BisectOpt = False,
+    json_out: JsonOutOpt = None,
+    as_json: JsonOpt = False,
+    force: ForceOpt = False,
+) -> None:
+    """Compare each candidate with the reference on the same images: tensors (raw graphs), decisions (top-N, pixels,
+    segments) and PQ, with a pass/fail verdict per candidate by the tolerance of its precision.
+
+    Without --data, a small synthetic validation set is generated (deterministically) in a temporary folder.
+    """
+    from maskconver_deploy.cli.console import log, print_json, progress
+    from maskconver_deploy.data.coco_panoptic import load_split
+    from maskconver_deploy.fileio import refuse_overwrite, write_json
+    from maskconver_deploy.modeldir import ModelDir
+    from maskconver_deploy.parity import run_parity
+
+    if model_dir is None:
+        raise UserError("--model-dir is required (a folder written by `maskconver export`)")
+    if json_out is not None:
+        refuse_overwrite(json_out, force)
+    if data is not None and not data.is_dir():
+        raise UserError("no such data folder", data)
+    folder = ModelDir(model_dir)
+    names, explicit = candidate_names(candidates, reference)
+    with tempfile.TemporaryDirectory(prefix="maskconver-parity-") as tmp:
+        if data is None:
+            count = n or SYNTHETIC_IMAGES
+            data_dir = _synthetic(Path(tmp) / "data", count, max(folder.meta.input_size))
+            split = "val"
+            log(f"generated {count} synthetic validation scenes (seed {SYNTHETIC_SEED}) in a temporary folder")
+        else:
+            data_dir = data
+        meta, records = load_split(data_dir, split)
+        result = run_parity(model_dir, names, reference=reference, records=records, meta=meta, n=n, threads=threads,
+                            bisect=bisect, log=log, progress=progress)  # fmt: skip
+    result["data"] = {"dir": str(data) if data is not None else None, "split": split,
+                      "generated": data is None, "seed": SYNTHETIC_SEED if data is None else None}  # fmt: skip
+    if json_out is not None:
+        write_json(json_out, result, force=force)
+    if as_json:
+        print_json(result)
+    else:
+        _print(result)
+    bad = [c for c in result["candidates"] if c["verdict"] in ("fail", "error")]
+    if bad:
+        raise CheckFailed(f"{len(bad)} of {len(result['candidates'])} candidates failed parity: "
+                          + "; ".join(f"{c['backend']}: {c['reason']}" for c in bad))  # fmt: skip
+    skipped = [c for c in result["candidates"] if c["verdict"] == "skipped"]
+    if explicit and skipped:
+        raise UserError("requested candidates could not run: "
+                        + "; ".join(f"{c['backend']}: {c['reason']}" for c in skipped))  # fmt: skip
+
+
+def _synthetic(target: Path, n: int, size: int) -> Path:
+    """n generated validation scenes at the model's size: n + 1 scenes with a val share of n / (n + 1)."""
+    from maskconver_deploy.data.synthetic import write_dataset
+
+    write_dataset(target, n=n + 1, size=int(size), seed=SYNTHETIC_SEED, val_fraction=n / (n + 1), force=True)
+    return target

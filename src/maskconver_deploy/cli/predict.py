@@ -1,8 +1,180 @@
-"""PLACEHOLDER: replaced by the module's owner (the whole file)."""
+"""`maskconver predict`: panoptic segmentation of image files with any backend, written as files a person and a
+COCO-panoptic tool can read.
 
+Per image STEM.EXT, in --out:
+    STEM.png           COCO-panoptic segment-id PNG (id = R + 256 G + 256^2 B, 0 = VOID); the segment id is the
+                       toolkit's panoptic id, (class index + 1) * 1000 + instance
+    STEM.json          its segments: id, category_id (the model's data set ids), category name, isthing, iscrowd,
+                       area, bbox [x, y, w, h], score, plus the image size, backend and preset
+    STEM.overlay.png   the image with each segment tinted in its class colour, boundaries white, VOID dimmed
+The image goes through the toolkit's one input policy (data/preprocess.py: EXIF rotation, grayscale, alpha,
+16-bit converted; aspect-preserving letterbox into the network size; the answer mapped back to the image's size).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import numpy as np
+import typer
+
+from maskconver_deploy.cli.options import CheckpointOpt, ForceOpt, JsonOpt, ModelDirOpt, ThreadsOpt
 from maskconver_deploy.errors import UserError
+from maskconver_deploy.types import LABEL_DIVISOR
+
+OVERLAY_SUFFIX = ".overlay.png"
 
 
-def predict() -> None:
-    """Not built yet."""
-    raise UserError("this command is not built yet")
+def output_paths(out: Path, image: Path) -> dict[str, Path]:
+    stem = image.stem
+    return {"panoptic": out / f"{stem}.png", "segments": out / f"{stem}.json", "overlay": out / f"{stem}{OVERLAY_SUFFIX}"}
+
+
+def segments_info(answer: Any, categories: list[Any], label_divisor: int = LABEL_DIVISOR) -> list[dict[str, Any]]:
+    """COCO-panoptic segments of a PanopticOutput, with the model's category ids, names and scores."""
+    from maskconver_deploy.data.coco_panoptic import segment_stats
+
+    isthing = [c.isthing for c in categories]
+    scores = {seg.id: seg.score for seg in answer.segments(isthing)}
+    out = []
+    for seg_id, (area, bbox) in segment_stats(answer.panoptic).items():
+        category = categories[seg_id // label_divisor - 1]
+        out.append({
+            "id": int(seg_id), "category_id": int(category.id), "category_name": category.name,
+            "isthing": int(category.isthing), "iscrowd": 0, "area": int(area), "bbox": [int(v) for v in bbox],
+            "score": round(float(scores.get(seg_id, 0.0)), 6),
+        })  # fmt: skip
+    return out
+
+
+def _save_png(path: Path, array: np.ndarray, force: bool) -> None:
+    from PIL import Image
+
+    from maskconver_deploy.fileio import atomic_path
+
+    with atomic_path(path, force=force) as tmp:
+        Image.fromarray(array).save(tmp, format="PNG")
+
+
+def _check_images(images: list[Path], out: Path, force: bool) -> None:
+    """Every image readable, no two with the same stem, no output overwritten without --force, before any work."""
+    from maskconver_deploy.data.preprocess import load_image
+    from maskconver_deploy.fileio import refuse_overwrite
+
+    if not images:
+        raise UserError("give at least one image file")
+    seen: dict[str, Path] = {}
+    for path in images:
+        load_image(path)  # one line naming the file when it is missing, not an image, or truncated
+        if path.stem in seen:
+            raise UserError(f"has the same name as {seen[path.stem]}: their outputs would collide in {out}", path)
+        seen[path.stem] = path
+        for target in output_paths(out, path).values():
+            refuse_overwrite(target, force)
+
+
+def _open_runner(checkpoint: Path | None, preset: str | None, model_dir: Path | None, backend: str | None,
+                 threads: int | None) -> Any:  # fmt: skip
+    from maskconver_deploy.backends import open_runner, parse_backend
+
+    if (checkpoint is None) == (model_dir is None):
+        raise UserError("give either --checkpoint (the PyTorch reference) or --model-dir (an exported model folder)")
+    if checkpoint is not None:
+        name = str(parse_backend(backend or "torch"))
+        if not name.startswith("torch"):
+            raise UserError(f"--checkpoint runs the PyTorch reference (backend torch or torch-cuda), not '{name}'; "
+                            "use --model-dir for other backends")  # fmt: skip
+        if not checkpoint.is_file():
+            raise UserError("no such checkpoint file", checkpoint)
+        runner = open_runner(name, checkpoint=checkpoint, threads=threads)
+        source = checkpoint
+    else:
+        assert model_dir is not None
+        if not model_dir.is_dir():
+            raise UserError("no such model folder", model_dir)
+        name = str(parse_backend(backend or "ort"))
+        runner = open_runner(name, model_dir=model_dir, threads=threads)
+        source = model_dir
+    if preset is not None and runner.meta.preset != preset:
+        what = "checkpoint" if checkpoint is not None else "model folder"
+        raise UserError(f"{what} is for preset '{runner.meta.preset}', not '{preset}'", source)
+    return runner
+
+
+ImagesArg = Annotated[
+    list[Path],
+    typer.Argument(help="Image files (any format PIL reads; grayscale, RGBA, 16-bit and EXIF-rotated photos are "
+                   "converted).", show_default=False),
+]  # fmt: skip
+PresetCheckOpt = Annotated[
+    Optional[str],
+    typer.Option("--preset", "-p", help="Preset the model must be for (checked, not converted): coco-640, "
+                 "coco-256, cityscapes, shapes-256."),
+]  # fmt: skip
+PredictBackendOpt = Annotated[
+    Optional[str],
+    typer.Option("--backend", "-b", help="Backend to run --model-dir with (default ort): torch, ort, ort-mobile, "
+                 "ort-int8-dynamic, ort-int8-static, tflite[-fp16|-int8-dynamic|-int8], tensorrt[-fp16|-int8]."),
+]  # fmt: skip
+OutOpt = Annotated[
+    Optional[Path],
+    typer.Option("--out", "-o", help="Output folder (created): STEM.png, STEM.json, STEM.overlay.png per image."),
+]
+
+
+def predict(
+    images: ImagesArg,
+    checkpoint: CheckpointOpt = None,
+    preset: PresetCheckOpt = None,
+    model_dir: ModelDirOpt = None,
+    backend: PredictBackendOpt = None,
+    out: OutOpt = None,
+    threads: ThreadsOpt = None,
+    force: ForceOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Segment images with the PyTorch reference (--checkpoint) or any compiled backend (--model-dir, --backend):
+    writes a COCO-panoptic PNG, its segments as JSON and an overlay PNG per image."""
+    from maskconver_deploy.cli.console import print_json, print_table
+    from maskconver_deploy.data.coco_panoptic import write_id_map
+    from maskconver_deploy.data.preprocess import load_image
+    from maskconver_deploy.fileio import write_json
+    from maskconver_deploy.pipeline import overlay
+
+    if out is None:
+        raise UserError("--out is required (the folder that receives the PNG, JSON and overlay files)")
+    if out.exists() and not out.is_dir():
+        raise UserError("exists and is not a folder", out)
+    runner = _open_runner(checkpoint, preset, model_dir, backend, threads)
+    _check_images(images, out, force)
+    meta = runner.meta
+    categories = list(meta.categories)
+    colors = [c.color for c in categories]
+    summary = []
+    with runner:
+        for path in images:
+            image = load_image(path)
+            answer = runner.predict(image)
+            paths = output_paths(out, path)
+            segments = segments_info(answer, categories, meta.label_divisor)
+            write_id_map(paths["panoptic"], answer.panoptic, force=force)
+            height, width = (int(v) for v in answer.panoptic.shape)
+            write_json(paths["segments"], {
+                "image": str(path), "file_name": paths["panoptic"].name, "height": height, "width": width,
+                "backend": runner.name, "preset": meta.preset, "input_size": list(meta.input_size),
+                "segments_info": segments,
+            }, force=force)  # fmt: skip
+            _save_png(paths["overlay"], overlay(image, answer.panoptic, colors), force=force)
+            names = sorted({s["category_name"] for s in segments})
+            summary.append({
+                "image": str(path), "size": f"{width}x{height}", "segments": len(segments),
+                "categories": ", ".join(names) or "-", "latency_ms": runner.last_latency_s * 1000.0,
+                "files": {k: str(v) for k, v in paths.items()},
+            })  # fmt: skip
+    if as_json:
+        print_json({"backend": runner.name, "preset": meta.preset, "out": str(out), "images": summary})
+        return
+    rows = [{**row, "output": Path(row["files"]["panoptic"]).name} for row in summary]
+    print_table(rows, columns=["image", "size", "segments", "categories", "latency_ms", "output"],
+                title=f"{runner.name} ({meta.preset}) -> {out}")  # fmt: skip

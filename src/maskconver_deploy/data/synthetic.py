@@ -8,10 +8,11 @@ stuff 6 sky, 7 grass, 8 water, 9 sand. A scene is built in layers:
    every class has its own texture (sky gradient and clouds, grass blades, water waves, sand speckle);
 2. VOID: sometimes an unlabelled clutter blob or a black band (id 0);
 3. crowd: sometimes a tight group of 5-9 touching small shapes of one class, one segment with iscrowd=1;
-4. things: 2-12 shapes of random class, rotation, size (about a third are small, 8-15 px), colour and
-   texture (flat, stripes, gradient; sometimes close to the background colour), painted in order so later
+4. things: 2-12 shapes of random class, rotation, size (one in five small, 12-19 px across; the others
+   19 px to about 45% of the image side), colour and texture (flat, stripes, gradient; about one in eight
+   low-contrast: within 20-45 levels per channel of what lies underneath), painted in order so later
    shapes occlude earlier ones; a ring shows the background through its hole;
-5. clean-up: visible remnants smaller than `MIN_AREA` pixels become VOID;
+5. clean-up: visible remnants smaller than `MIN_AREA` pixels (slivers left by occlusion) become VOID;
 6. photometric: sometimes blur and low contrast, always sensor noise; photos are saved as JPEG (quality 90).
 
 Segment ids follow `types.py`: (class_index + 1) * 1000 + instance (instance 0 for stuff).
@@ -48,8 +49,15 @@ __all__ = [
     "write_dataset",
 ]
 
-GENERATOR_VERSION = 1
-MIN_AREA = 24  # visible pixels a segment needs; smaller remnants become VOID
+# Version 2: small things 12-19 px (were 8-15 px, a third of all things: at the model's stride 8 that is one
+# feature cell, so they were mostly unlearnable), low-contrast colours at least 20 levels per channel away
+# from the background (were 0-28, some invisible), remnants under 64 px become VOID (were 24 px).
+GENERATOR_VERSION = 2
+MIN_AREA = 64  # visible pixels a segment needs; smaller remnants become VOID
+SMALL_SHARE = 0.2  # share of small things
+SMALL_RADIUS = (6.0, 9.5)  # radius range of a small thing at 256 px (12-19 px across)
+LOW_CONTRAST_SHARE = 0.12
+LOW_CONTRAST_OFFSET = (20.0, 45.0)  # per-channel distance of a low-contrast colour from its background
 
 SHAPES_CATEGORIES: list[Category] = [
     Category(1, "circle", True, (220, 20, 60)),
@@ -240,8 +248,10 @@ def _paint_shape(
     if not mask.any():
         return
     window = canvas[y0:y1, x0:x1]
-    if colour is None:  # low contrast: close to what lies underneath
-        colour = window[mask].mean(axis=0) + rng.uniform(-28, 28, 3).astype(np.float32)
+    if colour is None:  # low contrast: close to what lies underneath, but not invisible
+        offset = rng.uniform(*LOW_CONTRAST_OFFSET, 3) * rng.choice([-1.0, 1.0], 3)
+        base = window[mask].mean(axis=0)
+        colour = np.where((base + offset < 0) | (base + offset > 255), base - offset, base + offset).astype(np.float32)
     tex = _fill(rng, mask.shape, u, v, colour)
     window[mask] = tex[mask]
     ids[y0:y1, x0:x1][mask] = seg_id
@@ -334,12 +344,12 @@ def generate_scene(seed: int, index: int, size: int = 256) -> Scene:
     # things, painted in order (later ones occlude earlier ones)
     for _ in range(int(rng.integers(2, 13))):
         kind = int(rng.integers(1, 6))
-        if rng.random() < 0.33:
-            r = rng.uniform(4.0, 7.5) * s / 256  # 8-15 px across
+        if rng.random() < SMALL_SHARE:
+            r = rng.uniform(*SMALL_RADIUS) * s / 256
         else:
-            r = float(np.exp(rng.uniform(np.log(8.0), np.log(s * 0.22))))
+            r = float(np.exp(rng.uniform(np.log(SMALL_RADIUS[1] * s / 256), np.log(s * 0.22))))
         cy, cx = rng.uniform(-r * 0.3, s + r * 0.3, 2)
-        colour = None if rng.random() < 0.12 else _random_colour(rng)
+        colour = None if rng.random() < LOW_CONTRAST_SHARE else _random_colour(rng)
         _paint_shape(canvas, ids, next_id(kind), kind, rng, float(cy), float(cx), float(r), colour)
 
     # photometric: blur, contrast, sensor noise
@@ -377,9 +387,13 @@ def write_dataset(
     val_fraction: float = 0.1,
     force: bool = False,
     on_image: Callable[[int], None] | None = None,
+    splits: tuple[str, ...] = ("train", "val"),
 ) -> SynthSummary:
     """Write `n` scenes as a COCO-panoptic data folder with train and val splits (atomically: the folder
-    appears complete or not at all; an existing folder is replaced only with `force`)."""
+    appears complete or not at all; an existing folder is replaced only with `force`).
+
+    `splits` limits the folder to some splits: ``("val",)`` writes exactly the val images of the full set
+    (the same indices, pixels and annotations) without generating the train images."""
     out = Path(out)
     if n < 1:
         raise UserError(f"--n must be at least 1, got {n}")
@@ -387,26 +401,30 @@ def write_dataset(
         raise UserError(f"--size must be at least 32, got {size}")
     if not 0.0 <= val_fraction < 1.0:
         raise UserError(f"--val-fraction must lie in [0, 1), got {val_fraction}")
+    if not splits or any(split not in ("train", "val") for split in splits):
+        raise UserError(f"splits must be 'train' and/or 'val', got {list(splits)}")
     if out.exists() and not out.is_dir():
         raise UserError("exists and is not a folder", out)
     start = time.perf_counter()
-    splits: dict[str, dict[str, list[dict[str, Any]]]] = {s: {"images": [], "annotations": []} for s in ("train", "val")}
+    content_of: dict[str, dict[str, list[dict[str, Any]]]] = {s: {"images": [], "annotations": []} for s in splits}
     n_segments = n_crowd = 0
     with atomic_path(out, force=force, suffix="") as tmp:
-        for split in splits:
+        for split in content_of:
             _, png_dir, image_dir = split_paths(tmp, split)
             png_dir.mkdir(parents=True)
             image_dir.mkdir(parents=True)
         for index in range(n):
             split = split_of(index, val_fraction)
+            if split not in content_of:
+                continue
             scene = generate_scene(seed, index, size)
             _, png_dir, image_dir = split_paths(tmp, split)
             stem = f"{index:06d}"
             Image.fromarray(scene.image).save(image_dir / f"{stem}.jpg", format="JPEG", quality=90)
             Image.fromarray(id2rgb(scene.ids)).save(png_dir / f"{stem}.png", format="PNG", compress_level=1)
-            splits[split]["images"].append({"id": index, "file_name": f"{stem}.jpg", "height": size, "width": size})
+            content_of[split]["images"].append({"id": index, "file_name": f"{stem}.jpg", "height": size, "width": size})
             segments_info = [seg.to_dict() for seg in scene.segments]
-            splits[split]["annotations"].append({"image_id": index, "file_name": f"{stem}.png", "segments_info": segments_info})
+            content_of[split]["annotations"].append({"image_id": index, "file_name": f"{stem}.png", "segments_info": segments_info})
             n_segments += len(scene.segments)
             n_crowd += sum(1 for seg in scene.segments if seg.iscrowd)
             if on_image is not None:
@@ -419,12 +437,12 @@ def write_dataset(
             "n": n,
             "val_fraction": val_fraction,
         }
-        for split, content in splits.items():
+        for split, content in content_of.items():
             json_path, _, _ = split_paths(tmp, split)
             write_panoptic_json(
                 json_path, content["annotations"], SHAPES_CATEGORIES, images=content["images"], info=info
             )
     return SynthSummary(
-        out, len(splits["train"]["images"]), len(splits["val"]["images"]), size, seed,
+        out, len(content_of.get("train", {}).get("images", [])), len(content_of.get("val", {}).get("images", [])), size, seed,
         time.perf_counter() - start, n_segments, n_crowd,
     )

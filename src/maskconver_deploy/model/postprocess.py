@@ -37,10 +37,18 @@ def peak_nms(probabilities: Tensor, kernel: int = PEAK_KERNEL) -> Tensor:
 def top_proposals(peaks: Tensor, num_proposals: int) -> tuple[Tensor, Tensor, Tensor]:
     """Top-N jointly over classes x positions of [B, C, h, w].
 
-    Returns scores float [B, N] (high to low), classes int64 [B, N] and flat positions int64 [B, N] (y * w + x).
+    Returns scores float [B, N] (high to low, ties lowest flat index first), classes int64 [B, N] and flat
+    positions int64 [B, N] (y * w + x).
     """
     _, _, height, width = peaks.shape
-    scores, flat_index = torch.topk(peaks.flatten(1), num_proposals, dim=1, largest=True, sorted=True)
+    flat = peaks.flatten(1)
+    if _capturing_graph():
+        scores, flat_index = torch.topk(flat, num_proposals, dim=1, largest=True, sorted=True)
+    else:
+        # Equal scores (a saturated sigmoid gives many exact 1.0) come lowest index first in ONNX's, TFLite's and
+        # TensorRT's TopK; torch.topk promises no order for ties. A stable descending sort gives the same order.
+        ordered, order = torch.sort(flat, dim=1, descending=True, stable=True)
+        scores, flat_index = ordered[:, :num_proposals], order[:, :num_proposals]
     area = height * width
     classes = torch.div(flat_index, area, rounding_mode="trunc")
     positions = flat_index - classes * area

@@ -7,12 +7,13 @@ Determinism: the sample stream is a pure function of (seed, global sample positi
 permutations of the training records and one augmentation RNG per sample. A resumed run therefore sees
 exactly the batches an uninterrupted run would have seen, whatever the number of data workers.
 
-Training crop: train at the evaluation size (``--size`` default = the preset's input size). Smaller crops
-are 4x cheaper but do not transfer: a model trained on 128x128 crops of the shapes data separated thing
-masks well on 128x128 inputs (mean mask IoU at the GT centers 0.42) and poorly on the 256x256 evaluation
-input (0.19), although the network is fully convolutional (its instance separation leans on where the image
-borders are, and on the ASPP image pooling). A run may start on small crops and finish at full size
-(``--init`` from the small-crop checkpoint).
+Training crop: ``--size`` (default = the preset's input size, the evaluation size). Smaller crops are 4x
+cheaper but do not transfer on their own: a model trained only on 128x128 crops of the shapes data separated
+thing masks well on 128x128 inputs (mean mask IoU at the GT centers 0.42) and poorly on the 256x256
+evaluation input (0.19), although the network is fully convolutional (its instance separation leans on where
+the image borders are, and on the ASPP image pooling). ``--early-size S --early-steps N`` therefore trains
+the first N steps on S x S crops and the rest at ``--size``, in one run (one optimizer, one schedule): the
+cheap early steps learn the features, the full-size steps adapt the model to the evaluation input.
 
 Files written beside ``--out`` (e.g. ``models/shapes-256.pt``):
   the checkpoint itself (fp32 weights + spec + categories + provenance, no optimizer) at every
@@ -29,8 +30,8 @@ import random
 import shlex
 import sys
 import time
-from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -59,10 +60,12 @@ class TrainConfig:
     data: Path
     out: Path
     steps: int = 4000
-    batch: int = 16  # per process
+    batch: int = 8  # per process
     lr: float = 0.04
     warmup: int = 200
     size: int | None = None  # square training crop; None = the preset's input size
+    early_size: int | None = None  # square crop of the first `early_steps` steps (None: no early phase)
+    early_steps: int = 0
     seed: int = 0
     resume: bool = False
     workers: int = 1
@@ -77,7 +80,7 @@ class TrainConfig:
     log_every: int = 20
     weight_decay: float = 1e-5
     momentum: float = 0.9
-    mask_norm: str = "global"  # "global" (official) or "per-mask" mask-loss normalisation
+    mask_norm: str = "per-mask"  # "per-mask" or "global" (official) mask-loss normalisation
     grad_clip: float = 10.0  # max gradient norm (0: off); a guard for training from scratch
     scale_range: tuple[float, float] = DEFAULT_SCALE_RANGE
     init: Path | None = None  # start from these weights (a checkpoint of the same preset); fresh optimizer
@@ -90,7 +93,14 @@ class TrainConfig:
         return get_preset(self.preset).with_changes(class_embedding=self.class_embedding, stuff_centers=self.stuff_centers)
 
     def crop(self, spec: MaskConverSpec) -> tuple[int, int]:
+        """The crop of the main (last) phase."""
         return (self.size, self.size) if self.size else tuple(spec.input_size)
+
+    def crop_at(self, step: int, spec: MaskConverSpec) -> tuple[int, int]:
+        """The crop of training step `step` (0-based)."""
+        if self.early_size and step < self.early_steps:
+            return (self.early_size, self.early_size)
+        return self.crop(spec)
 
     def validate(self) -> None:
         """Reject bad options with a UserError naming the option."""
@@ -101,6 +111,8 @@ class TrainConfig:
             (self.warmup >= 0, "--warmup must be >= 0"),
             (self.workers >= 0, "--workers must be >= 0"),
             (self.eval_every >= 0, "--eval-every must be >= 0"),
+            (self.early_steps >= 0, "--early-steps must be >= 0"),
+            (not self.early_steps or self.early_size, "--early-steps needs --early-size"),
             (self.checkpoint_every >= 1, "--checkpoint-every must be >= 1"),
             (self.mask_norm in MASK_NORMS, f"--mask-loss must be one of {', '.join(MASK_NORMS)}"),
             (self.stuff_centers in STUFF_MODES, f"--stuff-centers must be one of {', '.join(STUFF_MODES)}"),
@@ -109,8 +121,10 @@ class TrainConfig:
             if not ok:
                 raise UserError(message)
         spec = get_preset(self.preset)
-        if self.size is not None and (self.size < spec.feature_stride * 2 or self.size % spec.feature_stride):
-            raise UserError(f"--size must be a multiple of {spec.feature_stride} and >= {2 * spec.feature_stride}")
+        multiple = spec.output_stride  # the network needs inputs divisible by its output stride
+        for option, value in (("--size", self.size), ("--early-size", self.early_size)):
+            if value is not None and (value < multiple * 2 or value % multiple):
+                raise UserError(f"{option} must be a multiple of {multiple} and >= {2 * multiple}")
 
 
 # ----------------------------------------------------------------------------------------------- paths
@@ -144,7 +158,7 @@ def sample_seed(seed: int, position: int) -> int:
 
 
 class TrainSet(Dataset):
-    """Loads, augments and builds targets for (record index, sample seed) pairs."""
+    """Loads, augments and builds targets for (record index, sample seed, crop) items (crop None: `aug`'s)."""
 
     def __init__(self, records: Sequence[Any], meta: Any, spec: MaskConverSpec, aug: AugmentConfig) -> None:
         from maskconver_deploy.data import load_example
@@ -158,26 +172,39 @@ class TrainSet(Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
-    def __getitem__(self, item: tuple[int, int]) -> dict[str, np.ndarray]:
-        index, seed = item
+    def __getitem__(self, item: tuple[int, int, tuple[int, int] | None]) -> dict[str, np.ndarray]:
+        index, seed, crop = item
+        aug = self.aug if crop is None or tuple(crop) == self.aug.crop_size else replace(self.aug, crop_size=tuple(crop))
         image, ids = self._load(self.records[index])
         rng = np.random.default_rng(seed)
-        image, ids, padding = augment(np.asarray(image, np.uint8), np.asarray(ids), self.aug, rng)
+        image, ids, padding = augment(np.asarray(image, np.uint8), np.asarray(ids), aug, rng)
         targets = build_targets(ids, self.segments[index], self.spec, padding=padding)
         targets["image"] = image
         return targets
 
 
 class StreamSampler(Sampler):
-    """Batches of (record index, sample seed) for steps [start, steps) of one rank.
+    """Batches of (record index, sample seed, crop) for steps [start, steps) of one rank.
 
     The global stream walks seeded per-epoch permutations; step s, rank r takes positions
-    s * B * W + r * B + j, j < B (B = per-rank batch, W = world size).
+    s * B * W + r * B + j, j < B (B = per-rank batch, W = world size). `crop_at(step)` gives the crop of a
+    step (None without it: the data set's own).
     """
 
-    def __init__(self, n: int, batch: int, steps: int, start: int, seed: int, rank: int = 0, world: int = 1) -> None:
+    def __init__(
+        self,
+        n: int,
+        batch: int,
+        steps: int,
+        start: int,
+        seed: int,
+        rank: int = 0,
+        world: int = 1,
+        crop_at: Callable[[int], tuple[int, int]] | None = None,
+    ) -> None:
         self.n, self.batch, self.steps, self.start = n, batch, steps, start
         self.seed, self.rank, self.world = seed, rank, world
+        self.crop_at = crop_at
         self._perms: dict[int, np.ndarray] = {}
 
     def _index(self, position: int) -> int:
@@ -189,10 +216,11 @@ class StreamSampler(Sampler):
     def __len__(self) -> int:
         return max(self.steps - self.start, 0)
 
-    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+    def __iter__(self) -> Iterator[list[tuple[int, int, tuple[int, int] | None]]]:
         for step in range(self.start, self.steps):
             base = (step * self.world + self.rank) * self.batch
-            yield [(self._index(p), sample_seed(self.seed, p)) for p in range(base, base + self.batch)]
+            crop = self.crop_at(step) if self.crop_at is not None else None
+            yield [(self._index(p), sample_seed(self.seed, p), crop) for p in range(base, base + self.batch)]
 
 
 def collate(samples: list[dict[str, np.ndarray]]) -> dict[str, Tensor]:
@@ -410,6 +438,20 @@ def init_model(model: MaskConver, path: Path) -> None:
     model.load_state_dict(theirs)
 
 
+def data_info(data: Path, split: str) -> dict[str, Any] | None:
+    """The "info" block of a split's JSON (the synthetic generator records its version, seed and n there)."""
+    import json
+
+    from maskconver_deploy.data.coco_panoptic import split_paths
+
+    try:
+        with open(split_paths(data, split)[0]) as handle:
+            info = json.load(handle).get("info")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return info if isinstance(info, dict) else None
+
+
 def _load_data(config: TrainConfig, spec: MaskConverSpec) -> tuple[Any, list[Any]]:
     from maskconver_deploy.data import load_split
 
@@ -450,6 +492,7 @@ def train(config: TrainConfig) -> TrainResult:
 
     meta, records = _load_data(config, spec)
     categories = list(meta.categories)
+    info = data_info(config.data, config.split)
     model = MaskConver(spec)
     optimizer = torch.optim.SGD(parameter_groups(model, config.weight_decay), lr=config.lr, momentum=config.momentum)
     start, history = 0, []
@@ -475,7 +518,10 @@ def train(config: TrainConfig) -> TrainResult:
     crop = config.crop(spec)
     aug = AugmentConfig(crop_size=crop, reference_size=tuple(spec.input_size), scale_range=tuple(config.scale_range))
     dataset = TrainSet(records, meta, spec, aug)
-    sampler = StreamSampler(len(dataset), config.batch, config.steps, start, config.seed, ddp.rank, ddp.world)
+    sampler = StreamSampler(
+        len(dataset), config.batch, config.steps, start, config.seed, ddp.rank, ddp.world,
+        crop_at=lambda s: config.crop_at(s, spec),
+    )
     loader = DataLoader(
         dataset,
         batch_sampler=sampler,
@@ -492,7 +538,9 @@ def train(config: TrainConfig) -> TrainResult:
     if ddp.main:
         log(
             f"training {spec.name}: {len(records)} {config.split} images, steps {start}->{config.steps}, "
-            f"batch {config.batch} x {ddp.world} process(es), crop {crop[0]}x{crop[1]}, lr {config.lr}, "
+            f"batch {config.batch} x {ddp.world} process(es), crop {crop[0]}x{crop[1]}"
+            + (f" ({config.early_size}x{config.early_size} for steps < {config.early_steps})" if config.early_steps else "")
+            + f", lr {config.lr}, "
             f"warmup {config.warmup}, threads {threads}, workers {config.workers}, seed {config.seed}, "
             f"stuff centers {spec.stuff_centers}, class embedding {'on' if spec.class_embedding else 'off'}"
         )
@@ -506,10 +554,13 @@ def train(config: TrainConfig) -> TrainResult:
             "seed": config.seed,
             "data": str(config.data),
             "crop": list(crop),
+            "early_crop": [config.early_size, config.early_steps] if config.early_steps else None,
             "batch": config.batch * ddp.world,
             "lr": config.lr,
             "torch": str(torch.__version__),
         }
+        if info is not None:
+            prov["data_info"] = info
         if config.init is not None:
             prov["init"] = str(config.init)
         if evaluation is not None:
@@ -583,6 +634,7 @@ def train(config: TrainConfig) -> TrainResult:
             "data": str(config.data),
             "split": config.split,
             "train_images": len(records),
+            "data_info": info,
             "config": _plain_config(config),
             "world_size": ddp.world,
             "started_at": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
