@@ -429,7 +429,7 @@ def _build_record(side: _Side, folder: Any, calib_hash: str | None) -> dict[str,
     if not isinstance(record, dict):
         return None
     out: dict[str, Any] = {"record": str(record_file)}
-    for key in ("precision", "source_sha256", "built", "build_time"):
+    for key in ("precision", "source_onnx_sha256", "built_at"):
         if key in record:
             out[key] = record[key]
     found = _find_key(record, "manifest_hash")

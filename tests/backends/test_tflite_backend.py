@@ -223,6 +223,31 @@ def test_split_separates_network_from_post_processing(source_dir: Path) -> None:
     onnx.checker.check_model(tail)
 
 
+def test_wide_depthwise_convs_become_row_bands_with_the_same_answer() -> None:
+    import onnxruntime as ort
+
+    rng = np.random.default_rng(0)
+    weight = helper.make_tensor("w", TensorProto.FLOAT, [4, 1, 7, 7], rng.normal(size=196).tolist())
+    bias = helper.make_tensor("b", TensorProto.FLOAT, [4], [0.1, -0.2, 0.3, 0.0])
+    small = helper.make_tensor("w3", TensorProto.FLOAT, [4, 1, 3, 3], rng.normal(size=36).tolist())
+    nodes = [helper.make_node("Conv", ["x", "w", "b"], ["y"], group=4, kernel_shape=[7, 7], pads=[3, 2, 3, 4]),
+             helper.make_node("Conv", ["y", "w3"], ["z"], group=4, kernel_shape=[3, 3], pads=[1, 1, 1, 1])]  # fmt: skip
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 9, 11])],
+                              [helper.make_tensor_value_info("z", TensorProto.FLOAT, [1, 4, 9, 11])],
+                              [weight, bias, small])  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    x = rng.normal(size=(1, 4, 9, 11)).astype(np.float32)
+    before = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    assert len(tflite.split_wide_depthwise(model)) == 1  # the 3x3 stays as it is
+    onnx.checker.check_model(model, full_check=True)
+    convs = [n for n in model.graph.node if n.op_type == "Conv"]
+    assert [list(helper.get_attribute_value(a)) for n in convs[:-1] for a in n.attribute if a.name == "kernel_shape"] \
+        == [[3, 7], [3, 7], [1, 7]]  # fmt: skip
+    after = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    np.testing.assert_allclose(after[0], before[0], rtol=1e-5, atol=1e-5)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Real conversions
 # ---------------------------------------------------------------------------------------------------------------
@@ -259,6 +284,8 @@ def test_build_record_names_what_the_artifact_was_made_from(runtimes: None, mode
         assert record["tool_versions"]["onnx2tf"] == "1.29.24" and record["tool_versions"]["ai-edge-litert"]
         assert record["input"] == {"name": "image", "shape": [1, SIZE, SIZE, 3], "dtype": "uint8", "layout": "NHWC"}
         assert record["graph"] == "panoptic" and 0.0 <= record["check"]["panoptic_agreement"] <= 1.0
+        bands = record["conversion"]["depthwise_split_in_row_bands"]
+        assert len(bands) == (0 if name == "tflite-int8-dynamic" else 6)  # two 7x7 per head
     assert tflite.read_record(model_dir / "tflite-int8-dynamic.tflite")["calibration_manifest_hash"] is None
     int8 = tflite.read_record(model_dir / "tflite-int8.tflite")
     manifest_hash = load_calibration(calib).manifest_hash
@@ -322,6 +349,7 @@ def test_parity_and_predict_run_tflite(runtimes: None, model_dir: Path, val_data
                                        tmp_path: Path) -> None:  # fmt: skip
     from maskconver_deploy.data import load_split
     from maskconver_deploy.data.coco_panoptic import read_id_map
+    from maskconver_deploy.fileio import sha256_file
     from maskconver_deploy.parity import run_parity
 
     meta, records = load_split(val_data, "val")
@@ -330,6 +358,7 @@ def test_parity_and_predict_run_tflite(runtimes: None, model_dir: Path, val_data
     assert found["tflite"]["verdict"] == "pass", found["tflite"]["reason"]
     assert found["tflite"]["decision"]["pixel_agreement"] >= 99.9
     assert found["tflite"]["tensor"]["available"] is False  # no raw artifact was built
+    assert found["tflite"]["build"]["source_onnx_sha256"] == sha256_file(model_dir / "model.onnx")
     assert found["tflite-int8"]["verdict"] in ("pass", "fail") and found["tflite-int8"]["build"]["calibration_matches"]
     image = Path(records[0].image_path)
     maps = {}

@@ -48,14 +48,15 @@ def fmt(value: Any, digits: int = 2) -> str:
 def print_table(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None = None, title: str | None = None) -> None:
     """A table on stdout, one row per dict; `columns` picks and orders the keys."""
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     columns = list(columns or (rows[0].keys() if rows else []))
-    table = Table(title=title, show_lines=False)
+    table = Table(title=escape(title) if title else None, show_lines=False)
     for col in columns:
-        table.add_column(col, overflow="fold")
-    for row in rows:
-        table.add_row(*(fmt(row.get(col)) for col in columns))
+        table.add_column(escape(col), overflow="fold")
+    for row in rows:  # cells are text, never markup: 'pip install ".[tflite]"' must print as written
+        table.add_row(*(escape(fmt(row.get(col))) for col in columns))
     Console(highlight=False, width=max(120, len(columns) * 14)).print(table)
 
 
