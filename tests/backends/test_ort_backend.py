@@ -4,7 +4,6 @@ the post-processing in float; bad input is a one-line UserError (exit 2); nothin
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -27,11 +26,7 @@ from maskconver_deploy.types import LABEL_DIVISOR, METADATA_KEY, Precision
 
 from tests.conftest import require_runtime  # noqa: E402  (the CI rule: a missing ONNX Runtime fails under CI=true)
 
-_spec = importlib.util.spec_from_file_location(
-    "maskconver_tests_tamemodel", Path(__file__).resolve().parents[1] / "export" / "tamemodel.py"
-)
-tamemodel = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(tamemodel)
+from tests.export import tamemodel
 
 SIZE = tamemodel.SIZE
 PROPOSALS = tamemodel.PROPOSALS

@@ -13,7 +13,6 @@ import importlib.util
 import json
 import os
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -28,25 +27,11 @@ from maskconver_deploy.errors import BackendUnavailable, UserError
 from maskconver_deploy.modeldir import ModelDir
 from maskconver_deploy.types import LABEL_DIVISOR, PANOPTIC_OUTPUTS, RAW_OUTPUTS, ModelMeta, Precision
 
-TESTS = Path(__file__).resolve().parents[1]
+from tests.conftest import require_runtime
+from tests.export import tamemodel
+from tests.parity import artifacts as parity_artifacts
 
-
-def _load(name: str, path: Path):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-tamemodel = _load("maskconver_tests_tamemodel", TESTS / "export" / "tamemodel.py")
-parity_artifacts = _load("maskconver_tests_parity_artifacts", TESTS / "parity" / "artifacts.py")
 SIZE, PROPOSALS = tamemodel.SIZE, tamemodel.PROPOSALS
-
-
-def require_runtime(module: str, what: str, hint: str) -> None:
-    """tests/conftest.py's rule (skip, but fail under CI=true), taken from the module pytest already loaded."""
-    loaded = next(m for m in list(sys.modules.values()) if getattr(m, "__file__", None) == str(TESTS / "conftest.py"))
-    loaded.require_runtime(module, what, hint)
 
 
 def require_onnx2tf() -> Path:

@@ -3,7 +3,6 @@ users really have, a real photo, and bad input (one line, exit 2)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -16,11 +15,7 @@ from maskconver_deploy.cli import app
 from maskconver_deploy.data.coco_panoptic import read_id_map
 from maskconver_deploy.data.synthetic import SHAPES_CATEGORIES, generate_scene
 
-_spec = importlib.util.spec_from_file_location(
-    "maskconver_tests_parity_artifacts", Path(__file__).resolve().parents[1] / "parity" / "artifacts.py"
-)
-artifacts = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(artifacts)
+from tests.parity import artifacts
 
 BACKENDS = ("torch", *artifacts.ORT_BACKENDS)
 

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
 
-_spec = importlib.util.spec_from_file_location("maskconver_tests_tamemodel", Path(__file__).with_name("tamemodel.py"))
-tamemodel = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(tamemodel)
+from tests.export import tamemodel
 
 
 @pytest.fixture(scope="session")

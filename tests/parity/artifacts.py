@@ -5,17 +5,12 @@ synthetic validation set, a calibration set, and helpers that turn any images in
 
 from __future__ import annotations
 
-import importlib.util
 import shutil
 from pathlib import Path
 
 import numpy as np
 
-_spec = importlib.util.spec_from_file_location(
-    "maskconver_tests_tinymodel", Path(__file__).resolve().parents[1] / "bench" / "tinymodel.py"
-)
-tinymodel = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(tinymodel)
+from tests.bench import tinymodel
 
 ORT_BACKENDS = ("ort", "ort-mobile", "ort-int8-dynamic", "ort-int8-static")
 COMPILED = ("ort-mobile", "ort-int8-dynamic", "ort-int8-static")

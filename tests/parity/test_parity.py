@@ -3,7 +3,6 @@ inputs, a second input size, a really faulty artifact (and bisection to its node
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -19,9 +18,7 @@ from maskconver_deploy.parity import bisect_onnx, bisect_support, run_parity
 from maskconver_deploy.results import load_parity
 from maskconver_deploy.types import INPUT_NAME
 
-_spec = importlib.util.spec_from_file_location("maskconver_tests_parity_artifacts", Path(__file__).with_name("artifacts.py"))
-artifacts = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(artifacts)
+from tests.parity import artifacts
 
 FP32 = ("ort", "ort-mobile")
 INT8 = ("ort-int8-dynamic", "ort-int8-static")

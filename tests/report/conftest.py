@@ -2,16 +2,11 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
 
-_spec = importlib.util.spec_from_file_location(
-    "maskconver_tests_tinymodel", Path(__file__).resolve().parents[1] / "bench" / "tinymodel.py"
-)
-tinymodel = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(tinymodel)
+from tests.bench import tinymodel
 
 BACKENDS = ["torch", "ort"]
 

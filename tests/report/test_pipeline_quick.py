@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -11,11 +10,7 @@ from typer.testing import CliRunner
 from maskconver_deploy.cli import app
 from maskconver_deploy.results import BenchResult, load_results
 
-_spec = importlib.util.spec_from_file_location(
-    "maskconver_tests_tinymodel", Path(__file__).resolve().parents[1] / "bench" / "tinymodel.py"
-)
-tinymodel = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(tinymodel)
+from tests.bench import tinymodel
 
 
 def test_pipeline_quick_end_to_end(tmp_path: Path) -> None:
