@@ -47,6 +47,7 @@ from maskconver_deploy.results import (
     OpShare,
     ProfileResult,
 )
+from maskconver_deploy.types import Precision
 
 Log = Callable[[str], None]
 
@@ -502,16 +503,14 @@ def profile_ort(entry: BenchEntry, image: np.ndarray, warmup: int, runs: int) ->
     """Run one ONNX Runtime artifact with enable_profiling and sum its kernel time per op type."""
     import onnxruntime as ort
 
+    from maskconver_deploy.backends.ort import session_options
     from maskconver_deploy.types import INPUT_NAME
 
     with tempfile.TemporaryDirectory(prefix="maskconver-profile-") as scratch:
-        options = ort.SessionOptions()
+        # the runner's own options (thread counts, optimisation level, int8-dynamic's folding), plus profiling
+        options = session_options(Path(entry.artifact), Precision(entry.precision), entry.threads)
         options.enable_profiling = True
         options.profile_file_prefix = str(Path(scratch) / "ort")
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.inter_op_num_threads = 1
-        if entry.threads is not None:
-            options.intra_op_num_threads = int(entry.threads)
         session = ort.InferenceSession(entry.artifact, options, providers=["CPUExecutionProvider"])
         feeds = {INPUT_NAME: np.ascontiguousarray(image[None])}
         for _ in range(warmup + runs):

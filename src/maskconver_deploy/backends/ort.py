@@ -42,6 +42,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import json
+import logging
 import shutil
 import subprocess
 import sys
@@ -287,7 +288,11 @@ def quantize_qdq(source: Path, out: Path, keep_float: set[str], calibration_set:
             return {INPUT_NAME: np.ascontiguousarray(image[None])}
 
     reader = Reader()
-    with _runtime_errors(source):
+    # quantize_static logs a root-logger WARNING advising its pre-processing step; the graph is already simplified
+    # with static shapes (see "preprocess" below), so that advice is noise on the user's terminal
+    logging.disable(logging.WARNING)
+    with _runtime_errors(source), contextlib.ExitStack() as stack:
+        stack.callback(logging.disable, logging.NOTSET)
         quantize_static(
             str(source), str(out), reader, quant_format=QuantFormat.QDQ, per_channel=True,
             activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax,
@@ -346,7 +351,8 @@ def convert_to_ort(source: Path, out_dir: Path, onnx_path: Path) -> tuple[Path, 
     return ort_file, config
 
 
-def _session(path: Path, precision: Precision, threads: int | None = None) -> Any:
+def session_options(path: Path, precision: Precision, threads: int | None = None) -> Any:
+    """The SessionOptions the runner opens an artifact with (the profiler uses the same, so it profiles that graph)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -358,6 +364,13 @@ def _session(path: Path, precision: Precision, threads: int | None = None) -> An
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     for key, value in SESSION_CONFIG.get(precision, {}).items():
         options.add_session_config_entry(key, value)
+    return options
+
+
+def _session(path: Path, precision: Precision, threads: int | None = None) -> Any:
+    import onnxruntime as ort
+
+    options = session_options(path, precision, threads)
     try:
         return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # InvalidGraph, InvalidProtobuf, Fail, NotImplemented ...
