@@ -41,7 +41,8 @@ def fmt(value: Any, digits: int = 2) -> str:
     if isinstance(value, float):
         if value != value:  # NaN
             return "-"
-        return f"{value:.{digits}f}"
+        text = f"{value:.{digits}f}"
+        return text[1:] if text.startswith("-") and float(text) == 0 else text  # no "-0.00"
     return str(value)
 
 
