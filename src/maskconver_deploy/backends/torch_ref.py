@@ -103,8 +103,11 @@ class TorchRunner(Runner):
         import torch
 
         (image,) = feeds.values()
+        image = np.ascontiguousarray(image)
+        if not image.flags.writeable:  # torch.from_numpy warns on read-only arrays (a cheap copy of a uint8 image)
+            image = image.copy()
         with torch.inference_mode():
-            tensor = torch.from_numpy(np.ascontiguousarray(image)).to(self.device)
+            tensor = torch.from_numpy(image).to(self.device)
             if self.half:
                 with torch.autocast(device_type="cuda", dtype=torch.float16):
                     outputs = self._deploy(tensor)
