@@ -12,6 +12,15 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 
 
+def one_line_exit_2(result) -> str:
+    """A CLI result that failed as bad input must: exit code 2, no traceback, one non-empty line (returned)."""
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1, result.output
+    return lines[0]
+
+
 def require_runtime(module: str, what: str, hint: str) -> None:
     """Skip when a runtime is missing, except under CI=true, where a missing runtime fails the run."""
     if importlib.util.find_spec(module) is None:

@@ -24,7 +24,7 @@ from maskconver_deploy.fileio import sha256_file
 from maskconver_deploy.modeldir import ModelDir, record_path
 from maskconver_deploy.types import LABEL_DIVISOR, METADATA_KEY, Precision
 
-from tests.conftest import require_runtime  # noqa: E402  (the CI rule: a missing ONNX Runtime fails under CI=true)
+from tests.conftest import one_line_exit_2, require_runtime  # noqa: E402  (the CI rule: a missing ONNX Runtime fails under CI=true)
 
 from tests.export import tamemodel
 
@@ -43,14 +43,6 @@ def _one_line(error: BaseException) -> str:
     text = str(error)
     assert "\n" not in text and text
     return text
-
-
-def _cli_one_line_exit_2(result) -> str:
-    assert result.exit_code == 2, result.output
-    assert "Traceback" not in result.output
-    lines = [line for line in result.output.splitlines() if line.strip()]
-    assert len(lines) == 1, result.output
-    return lines[0]
 
 
 def _images(count: int, seed: int) -> list[np.ndarray]:
@@ -306,7 +298,7 @@ def test_truncated_and_foreign_onnx_are_one_line_exit_2(built: Path, tmp_path: P
     graph.write_bytes((built / "model.onnx").read_bytes()[: 1 << 20])
     runner = CliRunner()
     result = runner.invoke(app, ["compile", "--model-dir", str(folder), "--backend", "ort-mobile", "--graph", "panoptic"])
-    line = _cli_one_line_exit_2(result)
+    line = one_line_exit_2(result)
     assert str(graph) in line and "truncated or corrupt" in line
 
     foreign = onnx.load(str(built / "model.onnx"))
@@ -314,7 +306,7 @@ def test_truncated_and_foreign_onnx_are_one_line_exit_2(built: Path, tmp_path: P
     onnx.save(foreign, str(graph))
     result = runner.invoke(app, ["compile", "--model-dir", str(folder), "--backend", "ort-int8-dynamic",
                                  "--graph", "panoptic"])  # fmt: skip
-    line = _cli_one_line_exit_2(result)
+    line = one_line_exit_2(result)
     assert str(graph) in line and "not a maskconver graph: no 'maskconver' metadata" in line
     assert sorted(p.name for p in folder.iterdir()) == ["model.json", "model.onnx", "model.raw.onnx", "reference.pt"]
     with pytest.raises(UserError, match="no such ONNX file"):
@@ -327,11 +319,11 @@ def test_calibration_problems_are_one_line_exit_2(built: Path, tmp_path: Path) -
     empty.mkdir(parents=True)
     runner = CliRunner()
     base = ["compile", "--model-dir", str(folder), "--backend", "ort", "--precision", "int8-static"]
-    line = _cli_one_line_exit_2(runner.invoke(app, [*base, "--calib", str(empty)]))
+    line = one_line_exit_2(runner.invoke(app, [*base, "--calib", str(empty)]))
     assert str(empty) in line and "empty calibration folder" in line
-    line = _cli_one_line_exit_2(runner.invoke(app, base))
+    line = one_line_exit_2(runner.invoke(app, base))
     assert "needs a calibration set: pass --calib" in line
-    line = _cli_one_line_exit_2(runner.invoke(app, [*base, "--calib", str(tmp_path / "nowhere")]))
+    line = one_line_exit_2(runner.invoke(app, [*base, "--calib", str(tmp_path / "nowhere")]))
     assert "no such calibration folder" in line
     with pytest.raises(UserError, match="needs a calibration set"):
         ort_backend.compile_onnx(folder / "model.onnx", folder / "ort-int8-static.onnx", "ort-int8-static")
@@ -340,10 +332,10 @@ def test_calibration_problems_are_one_line_exit_2(built: Path, tmp_path: Path) -
 
 def test_names_the_backend_does_not_offer_are_one_line(built: Path) -> None:
     runner = CliRunner()
-    line = _cli_one_line_exit_2(runner.invoke(app, ["compile", "--model-dir", str(built), "--backend", "ort-mobile",
+    line = one_line_exit_2(runner.invoke(app, ["compile", "--model-dir", str(built), "--backend", "ort-mobile",
                                                     "--precision", "int8-dynamic"]))  # fmt: skip
     assert "does not offer precision int8-dynamic" in line and "ort-mobile-int8-static" in line
-    line = _cli_one_line_exit_2(runner.invoke(app, ["compile", "--model-dir", str(built), "--backend",
+    line = one_line_exit_2(runner.invoke(app, ["compile", "--model-dir", str(built), "--backend",
                                                     "ort-int8-static", "--precision", "fp32"]))  # fmt: skip
     assert "already says int8-static" in line
     with pytest.raises(UserError, match="no ort-int8-static artifact for the raw graph") as info:
@@ -364,14 +356,14 @@ def test_existing_artifacts_are_replaced_only_with_force(built: Path, tmp_path: 
     (folder / "ort-int8-dynamic.onnx").write_bytes(b"an older build")
     runner = CliRunner()
     args = ["compile", "--model-dir", str(folder), "--backend", "ort-int8-dynamic", "--graph", "panoptic"]
-    line = _cli_one_line_exit_2(runner.invoke(app, args))
+    line = one_line_exit_2(runner.invoke(app, args))
     assert "ort-int8-dynamic.onnx: already exists; pass --force to overwrite it" in line
     assert (folder / "ort-int8-dynamic.onnx").read_bytes() == b"an older build"
     done = runner.invoke(app, [*args, "--force", "--json"])
     assert done.exit_code == 0, done.output
     assert sha256_file(folder / "ort-int8-dynamic.onnx") == before  # deterministic rebuild
     (config := folder / "ort-mobile.required_operators.config").write_text("# kept\n")
-    line = _cli_one_line_exit_2(runner.invoke(app, ["compile", "--model-dir", str(folder), "--backend", "ort-mobile",
+    line = one_line_exit_2(runner.invoke(app, ["compile", "--model-dir", str(folder), "--backend", "ort-mobile",
                                                     "--graph", "panoptic"]))  # fmt: skip
     assert "required_operators.config: already exists" in line and config.read_text() == "# kept\n"
     assert not (folder / "ort-mobile.ort").exists()

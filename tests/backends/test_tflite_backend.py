@@ -27,7 +27,7 @@ from maskconver_deploy.errors import BackendUnavailable, UserError
 from maskconver_deploy.modeldir import ModelDir
 from maskconver_deploy.types import LABEL_DIVISOR, PANOPTIC_OUTPUTS, RAW_OUTPUTS, ModelMeta, Precision
 
-from tests.conftest import require_runtime
+from tests.conftest import one_line_exit_2, require_runtime
 from tests.export import tamemodel
 from tests.parity import artifacts as parity_artifacts
 
@@ -95,13 +95,6 @@ def _cli(*args: str):
     return CliRunner().invoke(app, list(args))
 
 
-def _one_line_exit_2(result) -> str:
-    assert result.exit_code == 2, result.output
-    lines = [line for line in result.output.strip().splitlines() if line.strip()]
-    assert len(lines) == 1 and "Traceback" not in result.output, result.output
-    return lines[0]
-
-
 def _images(count: int, seed: int) -> list[np.ndarray]:
     from maskconver_deploy.data.synthetic import generate_scene
 
@@ -153,7 +146,7 @@ def test_a_missing_onnx2tf_environment_is_named(monkeypatch: pytest.MonkeyPatch,
         return
     assert tflite.ENV_VAR in status.reason and str(missing) in status.reason and "make install" in status.hint
     folder = _copy_export(source_dir, tmp_path / "model")
-    line = _one_line_exit_2(_cli("compile", "--model-dir", str(folder), "--backend", "tflite"))
+    line = one_line_exit_2(_cli("compile", "--model-dir", str(folder), "--backend", "tflite"))
     assert "onnx2tf converter was not found" in line and str(missing) in line
     with pytest.raises(BackendUnavailable) as info:
         tflite.compile_onnx(folder / "model.onnx", folder / "tflite.tflite", "tflite")
@@ -164,9 +157,9 @@ def test_a_missing_onnx2tf_environment_is_named(monkeypatch: pytest.MonkeyPatch,
 def test_int8_without_a_calibration_set_is_refused(source_dir: Path, tmp_path: Path) -> None:
     folder = _copy_export(source_dir, tmp_path / "model")
     before = _files(folder)
-    line = _one_line_exit_2(_cli("compile", "--model-dir", str(folder), "--backend", "tflite-int8"))
+    line = one_line_exit_2(_cli("compile", "--model-dir", str(folder), "--backend", "tflite-int8"))
     assert "needs a calibration set" in line
-    line = _one_line_exit_2(_cli("compile", "--model-dir", str(folder), "--backend", "tflite", "--precision", "int8",
+    line = one_line_exit_2(_cli("compile", "--model-dir", str(folder), "--backend", "tflite", "--precision", "int8",
                                  "--calib", str(tmp_path / "no-such-calib")))  # fmt: skip
     assert "no such calibration folder" in line
     with pytest.raises(UserError, match="calibration set") as info:
@@ -325,7 +318,7 @@ def test_runner_refuses_wrong_images_and_files(runtimes: None, model_dir: Path, 
 def test_compile_refuses_to_overwrite(runtimes: None, model_dir: Path) -> None:
     before = (model_dir / "tflite.tflite").read_bytes()
     args = ("compile", "--model-dir", str(model_dir), "--backend", "tflite", "--graph", "panoptic")
-    line = _one_line_exit_2(_cli(*args))
+    line = one_line_exit_2(_cli(*args))
     assert "already exists" in line and "--force" in line
     assert (model_dir / "tflite.tflite").read_bytes() == before
 
@@ -395,7 +388,7 @@ def test_a_network_onnx2tf_cannot_convert_is_one_line(runtimes: None, source_dir
     model = _conv_graph(extra)
     model.graph.initializer.append(helper.make_tensor("w2", TensorProto.FLOAT, [2, 4, 1, 1], [0.5] * 8))
     folder = _folder_with_graph(source_dir, tmp_path / "castlike", model)
-    line = _one_line_exit_2(_cli("compile", "--model-dir", str(folder), "--backend", "tflite", "--graph", "panoptic"))
+    line = one_line_exit_2(_cli("compile", "--model-dir", str(folder), "--backend", "tflite", "--graph", "panoptic"))
     assert "onnx2tf could not convert the network" in line and "CastLike" in line and "model.onnx" in line
     assert _files(folder) == ["model.json", "model.onnx"]
 
@@ -403,7 +396,7 @@ def test_a_network_onnx2tf_cannot_convert_is_one_line(runtimes: None, source_dir
 def test_unsupported_post_processing_is_one_line(runtimes: None, source_dir: Path, tmp_path: Path) -> None:
     extra = [helper.make_node("NonZero", ["features"], ["nz"]), helper.make_node("Cast", ["nz"], ["panoptic"], to=1)]
     folder = _folder_with_graph(source_dir, tmp_path / "nonzero", _conv_graph(extra))
-    line = _one_line_exit_2(_cli("compile", "--model-dir", str(folder), "--backend", "tflite", "--graph", "panoptic"))
+    line = one_line_exit_2(_cli("compile", "--model-dir", str(folder), "--backend", "tflite", "--graph", "panoptic"))
     assert "post-processing" in line and "NonZero" in line
     with pytest.raises(UserError, match="NonZero"):
         tflite.compile_onnx(folder / "model.onnx", tmp_path / "out" / "tflite.tflite", "tflite")

@@ -16,6 +16,8 @@ from maskconver_deploy.data.coco_panoptic import load_split
 from maskconver_deploy.data.synthetic import write_dataset
 from maskconver_deploy.errors import UserError
 
+from tests.conftest import one_line_exit_2
+
 REPO = Path(__file__).resolve().parents[2]
 SHIPPED = REPO / "calibration" / "shapes-64"
 
@@ -23,14 +25,6 @@ SHIPPED = REPO / "calibration" / "shapes-64"
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_dataset(tmp_path_factory.mktemp("synth") / "shapes", n=10, size=48, seed=3, val_fraction=0.3).out
-
-
-def _one_line_exit_2(result) -> str:
-    assert result.exit_code == 2, result.output
-    assert "Traceback" not in result.output
-    lines = [line for line in result.output.splitlines() if line.strip()]
-    assert len(lines) == 1, result.output
-    return lines[0]
 
 
 def test_make_writes_images_and_a_manifest_from_the_train_split(data_dir: Path, tmp_path: Path) -> None:
@@ -68,15 +62,15 @@ def test_make_refuses_overwrite_and_impossible_requests(data_dir: Path, tmp_path
     runner = CliRunner()
     assert runner.invoke(app, ["calib", "make", "--data", str(data_dir), "--n", "2", "--out", str(out)]).exit_code == 0
     first = manifest_hash(json.loads((out / MANIFEST_NAME).read_text()))
-    line = _one_line_exit_2(runner.invoke(app, ["calib", "make", "--data", str(data_dir), "--n", "3", "--out", str(out)]))
+    line = one_line_exit_2(runner.invoke(app, ["calib", "make", "--data", str(data_dir), "--n", "3", "--out", str(out)]))
     assert "already exists; pass --force" in line
     assert load_calibration(out).manifest_hash == first
     done = runner.invoke(app, ["calib", "make", "--data", str(data_dir), "--n", "3", "--out", str(out), "--force"])
     assert done.exit_code == 0 and len(load_calibration(out)) == 3
-    line = _one_line_exit_2(runner.invoke(app, ["calib", "make", "--data", str(data_dir), "--n", "50", "--out",
+    line = one_line_exit_2(runner.invoke(app, ["calib", "make", "--data", str(data_dir), "--n", "50", "--out",
                                                 str(tmp_path / "big")]))  # fmt: skip
     assert "has 7 images, fewer than --n 50" in line and not (tmp_path / "big").exists()
-    line = _one_line_exit_2(runner.invoke(app, ["calib", "make", "--data", str(tmp_path / "none"), "--out",
+    line = one_line_exit_2(runner.invoke(app, ["calib", "make", "--data", str(tmp_path / "none"), "--out",
                                                 str(tmp_path / "x")]))  # fmt: skip
     assert "no such data folder" in line
     assert not list(tmp_path.glob(".maskconver-tmp-*"))
@@ -119,7 +113,7 @@ def test_load_refuses_broken_sets(data_dir: Path, tmp_path: Path) -> None:
     with pytest.raises(UserError, match="not a calibration manifest"):
         load_calibration(changed)
     result = CliRunner().invoke(app, ["calib", "show", "--calib", str(empty)])
-    assert "empty calibration folder" in _one_line_exit_2(result)
+    assert "empty calibration folder" in one_line_exit_2(result)
 
 
 def test_the_shipped_calibration_set() -> None:

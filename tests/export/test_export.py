@@ -23,16 +23,10 @@ from maskconver_deploy.fileio import sha256_file
 from maskconver_deploy.modeldir import ModelDir, onnx_meta
 from maskconver_deploy.types import LABEL_DIVISOR, METADATA_KEY, OUTPUT_NAMES
 
+from tests.conftest import one_line_exit_2
+
 SIZE = 64
 PROPOSALS = 10
-
-
-def _one_line_exit_2(result) -> str:
-    assert result.exit_code == 2, result.output
-    assert "Traceback" not in result.output
-    lines = [line for line in result.output.splitlines() if line.strip()]
-    assert len(lines) == 1, result.output
-    return lines[0]
 
 
 def _images(size: int) -> list[np.ndarray]:
@@ -198,7 +192,7 @@ def test_export_command_force_and_graph_choice(tiny_checkpoint: Path, tmp_path: 
     runner = CliRunner()
     refused = runner.invoke(app, ["export", "--checkpoint", str(tiny_checkpoint), "--out", str(out),
                                   "--output", "semantic"])  # fmt: skip
-    line = _one_line_exit_2(refused)
+    line = one_line_exit_2(refused)
     assert "already holds an exported model (model.json)" in line and "--force" in line
     assert (out / "model.json").read_text() == "{}"
 
@@ -226,7 +220,7 @@ def test_export_command_force_and_graph_choice(tiny_checkpoint: Path, tmp_path: 
 def test_export_bad_options_are_one_line(tiny_checkpoint: Path, tmp_path: Path, args: list[str], message: str) -> None:
     out = tmp_path / "m"
     result = CliRunner().invoke(app, ["export", "--checkpoint", str(tiny_checkpoint), "--out", str(out), *args])
-    assert message in _one_line_exit_2(result)
+    assert message in one_line_exit_2(result)
     assert not out.exists() and not list(tmp_path.iterdir())
 
 
@@ -235,7 +229,7 @@ def test_export_bad_checkpoints_are_one_line(tiny_checkpoint: Path, tmp_path: Pa
     truncated.write_bytes(tiny_checkpoint.read_bytes()[:4096])
     for path, message in ((truncated, "truncated"), (tmp_path / "absent.pt", "no such checkpoint")):
         result = CliRunner().invoke(app, ["export", "--checkpoint", str(path), "--out", str(tmp_path / "m")])
-        line = _one_line_exit_2(result)
+        line = one_line_exit_2(result)
         assert str(path) in line and message in line
     assert not (tmp_path / "m").exists()
 

@@ -291,16 +291,18 @@ def quantize_qdq(source: Path, out: Path, keep_float: set[str], calibration_set:
     # quantize_static logs a root-logger WARNING advising its pre-processing step; the graph is already simplified
     # with static shapes (see "preprocess" below), so that advice is noise on the user's terminal
     logging.disable(logging.WARNING)
-    with _runtime_errors(source), contextlib.ExitStack() as stack:
-        stack.callback(logging.disable, logging.NOTSET)
-        quantize_static(
-            str(source), str(out), reader, quant_format=QuantFormat.QDQ, per_channel=True,
-            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax,
-            nodes_to_exclude=sorted(keep_float),
-            # MinMax keeps one min and max per tensor and image (small); CalibMaxIntermediateOutputs is not used: in
-            # onnxruntime 1.32 it drops the collected batches instead of merging them
-            extra_options={"WeightSymmetric": True, "ActivationSymmetric": False},
-        )  # fmt: skip
+    try:
+        with _runtime_errors(source):
+            quantize_static(
+                str(source), str(out), reader, quant_format=QuantFormat.QDQ, per_channel=True,
+                activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                calibrate_method=CalibrationMethod.MinMax, nodes_to_exclude=sorted(keep_float),
+                # MinMax keeps one min and max per tensor and image (small); CalibMaxIntermediateOutputs is not
+                # used: in onnxruntime 1.32 it drops the collected batches instead of merging them
+                extra_options={"WeightSymmetric": True, "ActivationSymmetric": False},
+            )  # fmt: skip
+    finally:
+        logging.disable(logging.NOTSET)
     if reader.count == 0:
         raise UserError("the calibration set gave no images")
     return {"format": "QDQ", "weights": "int8, symmetric, per output channel", "activations": "uint8, asymmetric",
