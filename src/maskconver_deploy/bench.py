@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from maskconver_deploy.errors import BackendUnavailable, MaskconverError, UserError
+from maskconver_deploy.errors import ArtifactMissing, BackendUnavailable, MaskconverError, UserError
 from maskconver_deploy.results import (
     SPAN_END_TO_END,
     SPAN_NETWORK,
@@ -349,10 +349,11 @@ def _sha(folder: Any) -> str:
 
 
 def prepare_variant(model_dir: Path, size: int, proposals: int, backends: Sequence[str], calib: Path | None,
-                    log: Log) -> tuple[Path, dict[str, str]]:  # fmt: skip
+                    log: Log) -> tuple[Path, dict[str, tuple[str, str]]]:  # fmt: skip
     """Export MODEL_DIR/variants/s<size>-n<proposals>/ (panoptic + raw graphs) and compile `backends` there.
 
-    Returns (variant folder, {backend: reason}) for backends that could not be prepared. Existing files are reused.
+    Returns (variant folder, {backend: (status, reason)}) for backends that could not be prepared: skipped when it
+    needs what was not given (a calibration set), failed when its build failed. Existing files are reused.
     """
     from maskconver_deploy import export as export_mod
     from maskconver_deploy.modeldir import ModelDir
@@ -366,12 +367,12 @@ def prepare_variant(model_dir: Path, size: int, proposals: int, backends: Sequen
         log(f"exporting variant {target.name} (size {size}, {proposals} proposals)")
         export_mod.export_variant(source, target, input_size=(size, size), num_proposals=proposals)
     variant = ModelDir(target)
-    problems: dict[str, str] = {}
+    problems: dict[str, tuple[str, str]] = {}
     for name in backends:
         if name.startswith("torch"):
             continue
         if needs_calibration(name) and calib is None:
-            problems[name] = "needs a calibration set for this variant (pass --calib)"
+            problems[name] = (STATUS_SKIPPED, "needs a calibration set for this variant (pass --calib)")
             continue
         for graph in GRAPHS:
             try:
@@ -382,7 +383,7 @@ def prepare_variant(model_dir: Path, size: int, proposals: int, backends: Sequen
                 variant.compile(name, graph=graph, calib=calib)
             except MaskconverError as exc:
                 if graph == "panoptic":
-                    problems[name] = f"compiling the variant failed: {_first_line(exc)}"
+                    problems[name] = (STATUS_FAILED, f"compiling the variant failed: {_first_line(exc)}")
                     break
     return target, problems
 
@@ -426,11 +427,14 @@ def _open_slot(entry: BenchEntry, model_dir: Path, image: np.ndarray, warmup: in
 
     try:
         runner = backends.open_runner(entry.backend, model_dir=model_dir, threads=entry.threads, graph=entry.graph)
-    except BackendUnavailable as exc:
+    except BackendUnavailable as exc:  # cannot run on this machine
         entry.status, entry.reason, entry.hint = STATUS_SKIPPED, exc.reason, exc.hint
         return None
-    except MaskconverError as exc:
+    except ArtifactMissing as exc:  # not built in this folder: the reason names the build command
         entry.status, entry.reason = STATUS_SKIPPED, _first_line(exc)
+        return None
+    except MaskconverError as exc:  # stale (built from another export) or otherwise unusable: a failure
+        entry.status, entry.reason = STATUS_FAILED, _first_line(exc)
         return None
     entry.artifact = str(runner.artifact)
     entry.artifact_bytes = _bytes_of(Path(runner.artifact))
@@ -558,7 +562,7 @@ def run_bench(model_dir: str | Path, options: BenchOptions, log: Log | None = No
     runnable = [n for n in names if not statuses[n][1]]
 
     folders: dict[tuple[int, int], Path] = {}
-    variant_problems: dict[tuple[int, int], dict[str, str]] = {}
+    variant_problems: dict[tuple[int, int], dict[str, tuple[str, str]]] = {}
     for size, proposals in configs:
         if (size, proposals) == native:
             folders[(size, proposals)] = model_dir
@@ -597,8 +601,11 @@ def run_bench(model_dir: str | Path, options: BenchOptions, log: Log | None = No
                     entry.floor_ms = round(floor, 4)
                     group.append(entry)
                     problem = variant_problems.get(config, {}).get(name)
-                    if reason or problem:
-                        entry.status, entry.reason, entry.hint = STATUS_SKIPPED, reason or problem or "", hint
+                    if reason:
+                        entry.status, entry.reason, entry.hint = STATUS_SKIPPED, reason, hint
+                        continue
+                    if problem:
+                        entry.status, entry.reason = problem
                         continue
                     say(f"opening {name} ({graph}, {size}px, N={proposals}, threads {threads or 'default'})")
                     slot = _open_slot(entry, folders[config], image, options.warmup)

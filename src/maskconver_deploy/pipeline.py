@@ -5,7 +5,10 @@ Layout of one run named NAME (`--out reports/NAME`):
     reports/NAME/{report.md, report.html, plots/}                                                 the report
     artifacts/pipeline/NAME/{model/, data/}     the exported graphs, compiled artifacts, generated data (not kept)
 Backends that cannot run here are listed as skipped with their reason and install hint; a backend whose build
-fails is listed as failed and the run goes on. `maskconver report --results reports/NAME` rebuilds the report.
+fails is listed as failed and the run goes on, and so does a step that fails after the export (its error is
+recorded). The run ends with the report written and `failures()` listing every build, parity verdict, evaluation,
+timing and step that failed: the command exits 1 when that list is not empty.
+`maskconver report --results reports/NAME` rebuilds the report.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from maskconver_deploy.errors import MaskconverError, UserError
+from maskconver_deploy.errors import CheckFailed, MaskconverError, UserError
 from maskconver_deploy.fileio import sha256_file, write_json
 from maskconver_deploy.results import (
     BENCH_FILE,
@@ -53,6 +56,7 @@ BENCH_PROPOSALS = (100, 50, 20, 15, 10)
 SWEEP_BACKENDS = ("torch", "ort")  # timed at the other sizes / proposal counts (compiling TFLite there costs minutes)
 TARGET_PROPOSALS = 100  # the post-processing target is checked at 100 proposals: every fp32 runtime is timed there
 STEPS = ("data", "export", "compile", "parity", "eval", "bench", "overlays", "report")
+ESSENTIAL_STEPS = ("data", "export")  # nothing after them can run without them: their failure ends the run
 
 
 @dataclass
@@ -88,12 +92,13 @@ class BackendState:
                 "compile_s": round(self.compile_s, 2), "artifacts": self.artifacts}  # fmt: skip
 
 
-class StepSkipped(Exception):
-    """A step that cannot run here (a missing optional piece); the run goes on without it."""
-
-
 class Steps:
-    """Times each step, keeps its status line, drives the one progress display."""
+    """Times each step, keeps its status line, drives the one progress display.
+
+    A step that raises is recorded as failed with its error. The essential steps (data, export) re-raise: nothing
+    after them could run. Any later step's failure, an import error included, is recorded and the run goes on, so
+    the report still shows what did run; `Pipeline.failures()` then makes the command exit 1.
+    """
 
     def __init__(self, log: Log, bar: Any | None = None) -> None:
         self.log = log
@@ -106,11 +111,15 @@ class Steps:
         status, detail = STATUS_OK, ""
         try:
             detail = fn() or ""
-        except StepSkipped as exc:
-            status, detail = STATUS_SKIPPED, str(exc)
-        except MaskconverError:
-            self.records.append({"name": name, "status": STATUS_FAILED, "seconds": round(time.perf_counter() - start, 2), "detail": ""})
-            raise
+        except Exception as exc:  # noqa: BLE001 - recorded; essential steps re-raise
+            status, detail = STATUS_FAILED, f"{type(exc).__name__}: {_first_line(exc)}"
+            if name in ESSENTIAL_STEPS:
+                self.records.append({"name": name, "status": status, "seconds": round(time.perf_counter() - start, 2),
+                                     "detail": detail})  # fmt: skip
+                if isinstance(exc, MaskconverError):
+                    raise
+                raise CheckFailed(f"pipeline step {name} failed: {detail}") from exc
+            self.log(f"    {name} failed: {detail}")
         seconds = time.perf_counter() - start
         self.records.append({"name": name, "status": status, "seconds": round(seconds, 2), "detail": detail})
         self.log(f"    {name}: {detail} ({seconds:.1f} s)")
@@ -177,6 +186,9 @@ class Pipeline:
         self.evals: dict[str, EvalRun] = {}
         self.overlays: dict[str, str] = {}
         self.calib: Path | None = None
+        self.eval_failures: dict[str, str] = {}
+        self.calib_problem = ""
+        self.step_records: list[dict[str, Any]] = []
 
     # -- helpers ------------------------------------------------------------------------------------------------
     @property
@@ -240,6 +252,7 @@ class Pipeline:
         return f"{self.model_dir} ({', '.join(graphs)} graphs)"
 
     def step_compile(self) -> str:
+        from maskconver_deploy.backends import backend_module, parse_backend
         from maskconver_deploy.bench import backend_status, needs_calibration, resolve_backends
         from maskconver_deploy.modeldir import ModelDir
 
@@ -247,8 +260,19 @@ class Pipeline:
         names = resolve_backends(self.o.backends)
         if self.o.calib is not None and Path(self.o.calib).is_dir():
             self.calib = Path(self.o.calib)
+            try:  # a broken set fails each int8 build that reads it (below); parity then checks no hashes against it
+                from maskconver_deploy.calibration import load_calibration
+
+                load_calibration(self.calib)
+            except MaskconverError as exc:
+                self.calib_problem = _first_line(exc)
         for name in names:
             state = self.states[name] = BackendState(name)
+            try:  # the toolkit's own backend module failing to import is a defect, not "cannot run here"
+                backend_module(parse_backend(name).family)
+            except ImportError as exc:
+                state.status, state.reason = STATUS_FAILED, f"the backend module cannot be imported: {_first_line(exc)}"
+                continue
             _, reason, hint = backend_status(name)
             if reason:
                 state.status, state.reason, state.hint = STATUS_SKIPPED, reason, hint
@@ -283,14 +307,12 @@ class Pipeline:
                f"{sum(s.status == STATUS_FAILED for s in self.states.values())} failed"
 
     def step_parity(self) -> str:
-        try:
-            from maskconver_deploy import parity as parity_mod
-        except ImportError as exc:
-            raise StepSkipped(f"the parity module is not available ({_first_line(exc)})") from None
+        from maskconver_deploy import parity as parity_mod
 
         candidates = [n for n in self.ok_backends() if n != "torch"]
+        calib = None if self.calib_problem else self.calib
         result = parity_mod.run_parity(self.model_dir, candidates, records=self.records, meta=self.dataset_meta,
-                                       calib=self.calib, threads=self.o.threads)  # fmt: skip
+                                       calib=calib, threads=self.o.threads)  # fmt: skip
         self.parity = result
         write_json(self.results / PARITY_FILE, result, force=True)
         verdicts = [c.get("verdict", "?") for c in result.get("candidates", [])]
@@ -302,15 +324,21 @@ class Pipeline:
 
         done = []
         for name in self.ok_backends():
-            runner = backends.open_runner(name, model_dir=self.model_dir, threads=self.o.threads)
-            with runner:
-                result = evaluate_runner(runner, self.records, self.dataset_meta)
+            try:
+                runner = backends.open_runner(name, model_dir=self.model_dir, threads=self.o.threads)
+                with runner:
+                    result = evaluate_runner(runner, self.records, self.dataset_meta)
+            except Exception as exc:  # noqa: BLE001 - this backend's failure; the others are evaluated
+                self.eval_failures[name] = f"{type(exc).__name__}: {_first_line(exc)}"
+                self.log(f"    eval {name} failed: {self.eval_failures[name]}")
+                continue
             run = EvalRun.from_result(name, int(self.meta.input_size[0]), int(self.meta.num_proposals), result,
                                       self.data_info.get("dir", ""))  # fmt: skip
             self.evals[name] = run
             run.save(self.results / EVAL_DIR / f"{eval_key(name, None, None)}.json", force=True)
             done.append(f"{name} {run.pq:.1f}")
-        return "PQ " + ", ".join(done)
+        failed = f"; {len(self.eval_failures)} failed" if self.eval_failures else ""
+        return "PQ " + ", ".join(done) + failed
 
     def _bench_plan(self) -> tuple[list[int] | None, list[int] | None]:
         native_size, native_n = int(self.meta.input_size[0]), int(self.meta.num_proposals)
@@ -387,9 +415,13 @@ class Pipeline:
         _save_png(folder / "0-ground-truth.png", overlay(image, gt, colors), force=True)
         self.overlays["ground truth"] = f"{OVERLAY_DIR}/0-ground-truth.png"
         for name in self.ok_backends():
-            runner = backends.open_runner(name, model_dir=self.model_dir, threads=self.o.threads)
-            with runner:
-                out = runner.predict(image)
+            try:
+                runner = backends.open_runner(name, model_dir=self.model_dir, threads=self.o.threads)
+                with runner:
+                    out = runner.predict(image)
+            except Exception as exc:  # noqa: BLE001 - the evaluation of the same backend names it as failed
+                self.log(f"    overlay {name} failed: {type(exc).__name__}: {_first_line(exc)}")
+                continue
             _save_png(folder / f"{name}.png", overlay(image, out.panoptic, colors), force=True)
             self.overlays[name] = f"{OVERLAY_DIR}/{name}.png"
         return f"{len(self.overlays)} overlays of {Path(str(record.image_path)).name}"
@@ -408,6 +440,23 @@ class Pipeline:
 
         written = write_report(self.results, self.out, force=True)
         return f"{written['markdown']}, {written['html']}"
+
+    def failures(self) -> list[str]:
+        """Everything that failed in this run (a build this machine can do, a parity verdict, an evaluation, a
+        timing of an artifact that exists, a step), one line each; empty when the run is sound."""
+        lines = [f"step {r['name']}: {r.get('detail', '')}" for r in self.step_records if r.get("status") == STATUS_FAILED]
+        lines += [f"build {s.name}: {s.reason}" for s in self.states.values() if s.status == STATUS_FAILED]
+        for c in (self.parity or {}).get("candidates", []):
+            if c.get("verdict") in ("fail", "error"):
+                lines.append(f"parity {c.get('backend')}: {c.get('verdict')}: {c.get('reason', '')}")
+        lines += [f"eval {name}: {reason}" for name, reason in self.eval_failures.items()]
+        if self.bench is not None:
+            seen = set()
+            for e in self.bench.entries:
+                if e.status == STATUS_FAILED and (e.backend, e.graph) not in seen:
+                    seen.add((e.backend, e.graph))
+                    lines.append(f"bench {e.backend} ({e.graph}, {e.size}px, N={e.proposals}): {e.reason}")
+        return lines
 
     # -- driver -------------------------------------------------------------------------------------------------
     def record(self, steps: list[dict[str, Any]], seconds: float) -> PipelineRecord:
@@ -428,6 +477,7 @@ class Pipeline:
             options={"backends": self.o.backends, "quick": self.o.quick, "threads": self.o.threads,
                      "calibration": str(self.calib) if self.calib else None, "work": str(self.work)},  # fmt: skip
             seconds=round(seconds, 2),
+            failures=self.failures(),
         )
 
     def run(self, bar: Any | None = None) -> PipelineRecord:
@@ -437,6 +487,7 @@ class Pipeline:
             shutil.rmtree(self.results)
         self.results.mkdir(parents=True)
         steps = Steps(self.log, bar)
+        self.step_records = steps.records
         steps.run("data", self.step_data)
         steps.run("export", self.step_export)
         steps.run("compile", self.step_compile)

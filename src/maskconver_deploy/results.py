@@ -400,6 +400,7 @@ class PipelineRecord:
     overlays: dict[str, str] = field(default_factory=dict)  # backend -> path relative to the results folder
     options: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
+    failures: list[str] = field(default_factory=list)  # what failed (builds, parity, eval, timings, steps)
 
     def to_dict(self) -> dict[str, Any]:
         return {"format": PIPELINE_FORMAT, **asdict(self)}

@@ -31,6 +31,9 @@ from tests.export import tamemodel
 SIZE = tamemodel.SIZE
 PROPOSALS = tamemodel.PROPOSALS
 VARIANTS = ("ort", "ort-int8-dynamic", "ort-int8-static", "ort-mobile", "ort-mobile-int8-static")
+# The build check's panoptic agreement with model.onnx on this tame model, measured: int8-dynamic 0.233, int8-static
+# 0.751 (ort-mobile-int8-static the same), ort-mobile 1.0. Floors with margin: a quantiser that breaks falls below.
+CHECK_FLOORS = {"ort-mobile": 1.0, "ort-int8-dynamic": 0.15, "ort-int8-static": 0.6, "ort-mobile-int8-static": 0.6}
 POST_OPS = ("Sigmoid", "MaxPool", "TopK", "ArgMax", "HardSigmoid", "Resize", "GatherElements")
 
 
@@ -114,7 +117,10 @@ def test_every_variant_is_built_with_a_record(built: Path, calib_dir: Path) -> N
         assert record["artifact_sha256"] == sha256_file(artifact)
         assert record["source_onnx"] == "model.onnx" and record["source_onnx_sha256"] == source_sha
         assert record["input"]["shape"] == [1, SIZE, SIZE, 3] and record["tool_versions"]["onnxruntime"]
-        assert record["check"]["images"] == 2 and 0.0 <= record["check"]["category_agreement"] <= 1.0
+        check = record["check"]
+        assert check["images"] == 2 and check["panoptic_agreement"] >= CHECK_FLOORS[name], (name, check)
+        if name == "ort-mobile":
+            assert check["category_agreement_min"] == check["classes_agreement"] == 1.0  # fp32: the same answer
         if "static" in name:
             assert record["calibration_manifest_hash"] == calib_hash and record["calibration"]["images"] == 8
             assert record["quantization"]["format"] == "QDQ" and record["quantization"]["float_nodes"] > 40

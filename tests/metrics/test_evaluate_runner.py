@@ -1,4 +1,5 @@
-"""Streaming evaluation of a runner, and `maskconver eval` in both modes (with a stand-in runner)."""
+"""Streaming evaluation of a runner (a stand-in runner with known answers), and `maskconver eval` in both modes
+(folders, and a real ONNX Runtime artifact)."""
 
 from __future__ import annotations
 
@@ -129,22 +130,35 @@ def test_eval_command_usage_errors(args: list[str], message: str) -> None:
     assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output
 
 
-def test_eval_command_model_mode(shapes: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    opened: dict[str, Any] = {}
+def test_eval_command_runs_the_real_int8_static_artifact(tmp_path: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """`maskconver eval --model-dir --backend ort-int8-static` runs that artifact in ONNX Runtime: its PQ is the
+    PQ of the same artifact evaluated in-process, and differs from the fp32 graph's (a quantised computation)."""
+    from tests.parity import artifacts
 
-    def fake_open_runner(name: str, *, model_dir: Path | None = None, checkpoint: Path | None = None, threads: int | None = None) -> LookupRunner:
-        opened.update(name=name, model_dir=model_dir, checkpoint=checkpoint, threads=threads)
-        return LookupRunner(_answers(shapes))
-
-    monkeypatch.setattr(backends, "open_runner", fake_open_runner, raising=False)
-    model_dir = tmp_path / "model"
-    model_dir.mkdir()
-    args = ["eval", "--model-dir", str(model_dir), "--backend", "ort-int8-static", "--data", str(shapes), "--n", "3", "--threads", "2", "--json"]
+    artifacts.require_onnxruntime()
+    base = tmp_path_factory.getbasetemp()  # the parity artifacts are built there once per session
+    model_dir = artifacts.compiled_model_dir(base)
+    # ground truth = the fp32 graph's own answers (this random-weight model scores PQ 0 on generated labels)
+    meta, records = load_split(artifacts.val_data(base), "val")
+    images = [load_example(r)[0] for r in records]
+    with backends.open_runner("ort", model_dir=model_dir, threads=1) as runner:
+        answers = [runner.predict(image) for image in images]
+        categories = list(runner.meta.categories)
+    data = artifacts.images_dataset(tmp_path / "labelled", images, categories, answers)
+    meta, records = load_split(data, "val")
+    expected = {}
+    for name in ("ort", "ort-int8-static"):
+        with backends.open_runner(name, model_dir=model_dir, threads=1) as runner:
+            expected[name] = evaluate_runner(runner, records[:3], meta)
+    args = ["eval", "--model-dir", str(model_dir), "--backend", "ort-int8-static", "--data", str(data), "--n", "3",
+            "--threads", "1", "--json"]  # fmt: skip
     result = CliRunner().invoke(app, [*args, "--save-predictions", str(tmp_path / "pred")])
     assert result.exit_code == 0, result.output
     payload = json.loads(result.output)
-    assert payload["pq"]["all"]["pq"] == 100.0 and payload["n_images"] == 3
-    assert opened == {"name": "ort-int8-static", "model_dir": model_dir, "checkpoint": None, "threads": 2}
+    assert payload["n_images"] == 3
+    assert payload["pq"]["all"]["pq"] == pytest.approx(expected["ort-int8-static"]["pq"]["all"]["pq"], abs=1e-9)
+    assert expected["ort"]["pq"]["all"]["pq"] == pytest.approx(100.0)
+    assert expected["ort-int8-static"]["pq"]["all"]["pq"] < 99.0  # the quantised artifact, not the fp32 graph
     assert len(list((tmp_path / "pred" / "panoptic").glob("*.png"))) == 3
     again = CliRunner().invoke(app, [*args, "--save-predictions", str(tmp_path / "pred")])
     assert again.exit_code == 2 and "already exists" in again.output

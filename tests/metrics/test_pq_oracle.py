@@ -4,6 +4,7 @@ of the reference rules), on generated cases written to disk in the COCO-panoptic
 from __future__ import annotations
 
 import contextlib
+import importlib
 import io
 import json
 from pathlib import Path
@@ -17,7 +18,11 @@ from maskconver_deploy.evaluate import evaluate_folders
 from maskconver_deploy.metrics.pq import PQAccumulator
 from maskconver_deploy.types import Category
 
-oracle = pytest.importorskip("cityscapesscripts.evaluation.evalPanopticSemanticLabeling")
+from tests.conftest import require_runtime
+
+require_runtime("cityscapesscripts", "cityscapesscripts (the independent PQ evaluator)", 'pip install -e ".[dev]"',
+                module_level=True)
+oracle = importlib.import_module("cityscapesscripts.evaluation.evalPanopticSemanticLabeling")
 
 CATEGORIES = [
     Category(1, "a", True),

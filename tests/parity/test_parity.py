@@ -22,6 +22,12 @@ from tests.parity import artifacts
 
 FP32 = ("ort", "ort-mobile")
 INT8 = ("ort-int8-dynamic", "ort-int8-static")
+# Measured on the tiny random-weight model and its 4 val scenes (pixel agreement / top-N match / PQ with the
+# reference's answers as ground truth): int8-dynamic 60.4 / 60.0 / 30.0, int8-static 63.6 / 42.5 / 31.7.
+TINY_INT8_FLOORS = {
+    "ort-int8-dynamic": {"pixel": 50.0, "topn": 45.0, "pq_vs_reference": 20.0},
+    "ort-int8-static": {"pixel": 50.0, "topn": 30.0, "pq_vs_reference": 20.0},
+}
 
 
 def _by_name(result: dict) -> dict[str, dict]:
@@ -49,12 +55,19 @@ def test_fp32_pass_and_int8_report_their_numbers(parity_model_dir: Path, parity_
         assert entry["decision"]["topn_match"] == 100.0
     for name in INT8:
         entry = found[name]
-        assert entry["verdict"] in ("pass", "fail") and entry["reason"]
+        decision = entry["decision"]
+        # the tiny model has random weights: int8 keeps the answer only in part, and the verdict says so (the
+        # agreement floors of the shipped model fail here although ΔPQ is 0: PQ against this ground truth is 0)
+        assert entry["verdict"] == "fail" and "pixel agreement" in entry["reason"], entry["reason"]
+        floor = TINY_INT8_FLOORS[name]  # measured on this model, minus a margin: a broken quantiser falls below
+        assert decision["pixel_agreement"] >= floor["pixel"] and decision["topn_match"] >= floor["topn"], decision
+        assert entry["metric"]["pq_vs_reference"] >= floor["pq_vs_reference"], entry["metric"]
         assert entry["tensor"]["available"]
         assert entry["tensor"]["heatmap"]["max_abs_err"] > 1e-3  # quantised: really a different computation
         for key in ("pq", "pq_reference", "delta_pq", "pq_vs_reference"):
             assert isinstance(entry["metric"][key], float)
-        assert entry["build"]["calibration_manifest_hash"] if name == "ort-int8-static" else True
+    assert found["ort-int8-static"]["build"]["calibration_manifest_hash"]
+    assert "calibration_manifest_hash" not in (found["ort-int8-dynamic"]["build"] or {})
     path = tmp_path / "parity.json"
     path.write_text(json.dumps(result))
     rows = {r.backend: r for r in load_parity(path)}
@@ -80,14 +93,14 @@ def test_int8_pq_drop_on_a_set_labelled_by_the_reference(parity_model_dir: Path,
     _assert_fp32_pass(found["ort"])
     assert found["ort"]["metric"]["pq"] == pytest.approx(100.0)
     assert found["ort"]["bisect"]["ran"] is False  # it passed: nothing to bisect
-    drops = {name: found[name]["metric"]["delta_pq"] for name in INT8}
-    assert all(d <= 0.0 for d in drops.values()) and min(drops.values()) < -1.0, drops
     for name in INT8:
         entry = found[name]
-        assert entry["metric"]["pq_vs_reference"] == pytest.approx(entry["metric"]["pq"])  # same ground truth here
-        if entry["verdict"] == "fail":
-            assert "|ΔPQ|" in entry["reason"]
-            assert entry["bisect"]["ran"] is False and "quantised" in entry["bisect"]["reason"]
+        # the ground truth is the reference's answers: the drop is exactly the candidate's disagreement
+        assert entry["metric"]["pq_vs_reference"] == pytest.approx(entry["metric"]["pq"])
+        assert entry["metric"]["delta_pq"] == pytest.approx(entry["metric"]["pq"] - 100.0)
+        assert entry["metric"]["delta_pq"] < -1.0  # random weights: int8 changes the answer beyond the budget
+        assert entry["verdict"] == "fail" and "|ΔPQ|" in entry["reason"]
+        assert entry["bisect"]["ran"] is False and "quantised" in entry["bisect"]["reason"]
 
 
 def test_parity_on_noise_and_a_real_photo(parity_model_dir: Path, shared_data: Path, tmp_path: Path) -> None:
@@ -102,7 +115,8 @@ def test_parity_on_noise_and_a_real_photo(parity_model_dir: Path, shared_data: P
     result = run_parity(parity_model_dir, list(FP32), records=records, meta=meta, threads=1)
     for entry in result["candidates"]:
         _assert_fp32_pass(entry)
-        assert "note" in entry["metric"]  # no ground-truth segments: only agreement counts
+        assert entry["metric"]["labelled"] is False and "note" in entry["metric"]  # no ground-truth segments
+        assert "PQ vs the reference's answers 100.000 > 99.995" in entry["reason"]  # judged against the reference
         assert entry["decision"]["segments_reference"] > 0  # the model did answer something on these images
 
 

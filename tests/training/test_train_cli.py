@@ -15,6 +15,8 @@ from typer.testing import CliRunner
 
 from maskconver_deploy.cli import app
 
+from tests.conftest import skip_unless_ci
+
 TINY = ["--preset", "shapes-256", "--size", "64", "--mask-loss", "per-mask", "--batch", "2", "--workers", "0", "--threads", "1",
         "--final-eval", "0", "--warmup", "1", "--checkpoint-every", "1", "--log-every", "1"]
 
@@ -93,7 +95,7 @@ def test_bad_options_are_user_errors(tiny_data: Path, tmp_path: Path):
 def test_torchrun_two_processes(tiny_data: Path, tmp_path: Path):
     torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
     if torchrun is None:
-        pytest.skip("torchrun is not installed beside this interpreter")
+        skip_unless_ci("torchrun is not installed beside this interpreter (it comes with torch)")
     out = tmp_path / "ddp.pt"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [torchrun, "--standalone", "--nproc_per_node", "2", "-m", "maskconver_deploy", "train", *TINY,

@@ -108,10 +108,11 @@ def open_runner(
     """A runner (not yet opened) for backend `name` on a model folder, or for `torch` on a bare checkpoint.
 
     Every backend but torch needs `model_dir`. A missing artifact is a UserError naming the `maskconver compile`
-    command that makes it; an artifact built from another export of the folder (its build record names another
-    ONNX sha256) is a UserError too. `graph` picks the exported graph (panoptic, raw, semantic); raw runners
-    return the raw outputs from `infer`.
+    command that makes it (`ArtifactMissing`); an artifact built from another export of the folder (its build record
+    names another ONNX sha256) is `ArtifactStale`. Both are UserErrors. `graph` picks the exported graph (panoptic,
+    raw, semantic); raw runners return the raw outputs from `infer`.
     """
+    from maskconver_deploy.errors import ArtifactMissing, ArtifactStale
     from maskconver_deploy.fileio import sha256_file
     from maskconver_deploy.modeldir import GRAPH_FILES, ModelDir, graph_suffix, record_path
 
@@ -122,7 +123,7 @@ def open_runner(
             folder = ModelDir(model_dir)
             artifact = Path(module.artifact_path(folder.path, parsed, graph))
             if not artifact.is_file():
-                raise UserError("no reference checkpoint in the model folder; export again with --force", artifact)
+                raise ArtifactMissing("no reference checkpoint in the model folder; export again with --force", artifact)
             meta = folder.graph_meta(graph)
         elif checkpoint is not None:
             from maskconver_deploy.model.checkpoint import load_checkpoint, model_meta
@@ -138,13 +139,13 @@ def open_runner(
         raise UserError(f"backend '{parsed}' needs --model-dir (a folder written by `maskconver export`){hint}")
     folder = ModelDir(model_dir)
     if not folder.onnx_path(graph).is_file():
-        raise UserError(f"no {graph} graph ({GRAPH_FILES[graph]}) in the model folder; export it with "
+        raise ArtifactMissing(f"no {graph} graph ({GRAPH_FILES[graph]}) in the model folder; export it with "
                         f"`maskconver export --output {graph} ...`", folder.path)  # fmt: skip
     artifact = Path(module.artifact_path(folder.path, parsed, graph))
     graph_option = "" if graph == "panoptic" else f" --graph {graph}"
     command = f"maskconver compile --model-dir {folder.path} --backend {parsed}{graph_option}"
     if not artifact.exists():
-        raise UserError(f"no {parsed} artifact for the {graph} graph; build it with `{command}`", artifact)
+        raise ArtifactMissing(f"no {parsed} artifact for the {graph} graph; build it with `{command}`", artifact)
     record = record_path(artifact)
     if artifact != folder.onnx_path(graph) and record.is_file():
         try:
@@ -152,6 +153,6 @@ def open_runner(
         except (OSError, ValueError, AttributeError):
             built_from = None
         if built_from and built_from != sha256_file(folder.onnx_path(graph)):
-            raise UserError(f"was built from another export of {GRAPH_FILES[graph]}; rebuild it with "
+            raise ArtifactStale(f"was built from another export of {GRAPH_FILES[graph]}; rebuild it with "
                             f"`{command} --force`", artifact)  # fmt: skip
     return module.open_runner(artifact, folder.graph_meta(graph), parsed, threads=threads)

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 
 from maskconver_deploy.cli.options import ForceOpt, JsonOpt, JsonOutOpt, ModelDirOpt
-from maskconver_deploy.errors import UserError
+from maskconver_deploy.errors import CheckFailed, UserError
 
 
 def _usable_cores() -> int:
@@ -37,17 +37,14 @@ def bench(
     as_json: JsonOpt = False,
     force: ForceOpt = False,
 ) -> None:
-    """Time each artifact end to end (image in, panoptic answer out) and the network alone, interleaved."""
-    from maskconver_deploy.bench import (
-        QUICK_RUNS,
-        QUICK_WARMUP,
-        BenchOptions,
-        parse_int_list,
-        resolve_backends,
-        run_bench,
-        summary_rows,
-    )
-    from maskconver_deploy.cli.console import log, print_json, print_table
+    """Time each artifact end to end (image in, panoptic answer out) and the network alone, interleaved.
+
+    Exit code 1 when an artifact that exists could not be timed (it cannot be loaded, is stale, or raised), after
+    the table and --json-out are written; backends that cannot run here or are not built are listed as skipped.
+    """
+    from maskconver_deploy.bench import QUICK_RUNS, QUICK_WARMUP, BenchOptions, parse_int_list, resolve_backends, run_bench
+    from maskconver_deploy.cli.console import log, print_json
+    from maskconver_deploy.results import STATUS_FAILED
     from maskconver_deploy.fileio import refuse_overwrite
 
     if model_dir is None:
@@ -75,7 +72,18 @@ def bench(
         log(f"wrote {json_out}")
     if as_json:
         print_json(result.to_dict())
-        return
+    else:
+        _print(result)
+    failed = [e for e in result.entries if e.status == STATUS_FAILED]
+    if failed:
+        names = {e.backend: e.reason for e in failed}
+        raise CheckFailed(f"{len(names)} backend(s) failed: " + "; ".join(f"{b}: {r}" for b, r in names.items()))
+
+
+def _print(result: Any) -> None:
+    from maskconver_deploy.bench import summary_rows
+    from maskconver_deploy.cli.console import log, print_table
+
     columns = ["backend", "graph", "size", "N", "threads", "status", "median ms", "p90 ms", "min ms", "vs torch",
                "floor ms", "MB", "peak MB"]  # fmt: skip
     print_table(summary_rows(result), columns=columns, title=f"maskconver bench: {result.machine.get('cpu')}")

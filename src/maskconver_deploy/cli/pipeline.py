@@ -8,6 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from maskconver_deploy.cli.options import DataOpt, ForceOpt, SplitOpt
+from maskconver_deploy.errors import CheckFailed
 
 
 def pipeline(
@@ -25,7 +26,11 @@ def pipeline(
     quick: Annotated[bool, typer.Option("--quick", help="A smoke run: few images, 5 timed runs, no size/proposal sweep.")] = False,
     force: ForceOpt = False,
 ) -> None:
-    """Run everything on one checkpoint and write a report: data -> export -> compile -> parity -> eval -> bench -> report."""
+    """Run everything on one checkpoint and write a report: data -> export -> compile -> parity -> eval -> bench -> report.
+
+    Exit code 1, after the report is written, when a build this machine can do, a parity verdict, an evaluation,
+    a timing or a step failed; backends that cannot run here are listed as skipped, with the reason.
+    """
     from maskconver_deploy.bench import parse_int_list
     from maskconver_deploy.cli.console import ProgressBar, log, print_table
     from maskconver_deploy.pipeline import STEPS, Pipeline, PipelineOptions, summary_rows
@@ -51,3 +56,8 @@ def pipeline(
     columns = ["backend", "status", "PQ", "ΔPQ", "parity", "median ms", "vs torch", "MB", "note"]
     print_table(summary_rows(job), columns=columns, title=f"maskconver pipeline: {record.seconds:.0f} s")
     log(f"report: {out / 'report.md'} and {out / 'report.html'}")
+    failures = job.failures()
+    if failures:
+        for line in failures:
+            log(f"failed: {line}")
+        raise CheckFailed(f"{len(failures)} failure(s) in the pipeline run (listed above and in the report)")
