@@ -19,6 +19,8 @@ Verdict per candidate (`TOLERANCES`):
 * fp16: |ΔPQ| <= 0.5. Half precision keeps ~3 decimal digits (2^-11 relative): masks flip only at near-ties of
   two proposals' weights and at the score threshold, which costs PQ in the first decimal; 0.5 is MMDeploy's PQ
   regression tolerance and half the int8 budget, so a real fp16 bug (a wrong cast, an overflow) cannot hide.
+* bf16: |ΔPQ| <= 0.5, as fp16 (bfloat16 keeps 8 significant bits, fewer than fp16, but only the network runs in
+  it: the post-processing that orders and merges proposals stays float32).
 * int8-dynamic, int8-static, int8: |ΔPQ| <= 1.0 (the project's int8 budget).
 * "skipped" (runtime unavailable, artifact missing: the reason says which `maskconver compile` makes it) and
   "error" (it raised while running) are not verdicts on agreement.
@@ -63,6 +65,7 @@ TOLERANCES: dict[str, dict[str, Any]] = {
     "fp32": {"min_pixel_agreement": FP32_PIXEL_AGREEMENT, "max_abs_delta_pq": FP32_DELTA_PQ, "strict": True,
              "rule": "pixel agreement >= 99.9% and |ΔPQ| < 0.005 (ΔPQ shows as 0.00 at two decimals)"},
     "fp16": {"max_abs_delta_pq": 0.5, "strict": False, "rule": "|ΔPQ| <= 0.5"},
+    "bf16": {"max_abs_delta_pq": 0.5, "strict": False, "rule": "|ΔPQ| <= 0.5"},
     "int8-dynamic": {"max_abs_delta_pq": 1.0, "strict": False, "rule": "|ΔPQ| <= 1.0"},
     "int8-static": {"max_abs_delta_pq": 1.0, "strict": False, "rule": "|ΔPQ| <= 1.0"},
     "int8": {"max_abs_delta_pq": 1.0, "strict": False, "rule": "|ΔPQ| <= 1.0"},
