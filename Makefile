@@ -20,7 +20,7 @@ help:
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install $(PIP_FLAGS) -e ".[tflite,dev]"
+	$(BIN)/pip install $(PIP_FLAGS) -e ".[tflite,openvino,dev]"
 	@touch $@
 
 # onnx2tf pins old numpy/onnx/onnxruntime, so it lives in its own environment (README "TFLite").

@@ -60,7 +60,8 @@ PEAK_MATRIX = 1536
 PEAK_REPEATS = 5
 VARIANTS_DIR = "variants"
 GRAPHS = ("panoptic", "raw")
-LIBRARIES = ("numpy", "torch", "onnx", "onnxruntime", "ai-edge-litert", "tensorflow", "tensorrt", "onnx2tf")
+LIBRARIES = ("numpy", "torch", "onnx", "onnxruntime", "ai-edge-litert", "tensorflow", "tensorrt", "onnx2tf", "openvino",
+             "nncf")
 CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_int8")
 MEMORY_METHOD = (
     "in-process peak RSS over opening + warming up one runner: VmHWM is reset through /proc/self/clear_refs "
@@ -410,8 +411,9 @@ def bench_image(size: tuple[int, int], seed: int) -> np.ndarray:
 
 def _preimport(families: set[str]) -> None:
     """Import the runtimes before any memory is measured, so no runner is charged for a library's code pages."""
-    modules = {"torch": "torch", "torch-cuda": "torch", "ort": "onnxruntime", "ort-mobile": "onnxruntime",
-               "tflite": "ai_edge_litert.interpreter", "tensorrt": "tensorrt"}  # fmt: skip
+    modules = {"torch": "torch", "torch-cuda": "torch", "torch-compile": "torch", "ort": "onnxruntime",
+               "ort-mobile": "onnxruntime", "tflite": "ai_edge_litert.interpreter", "tensorrt": "tensorrt",
+               "openvino": "openvino"}  # fmt: skip
     for family in families:
         name = modules.get(family)
         if name:
@@ -437,7 +439,9 @@ def _open_slot(entry: BenchEntry, model_dir: Path, image: np.ndarray, warmup: in
         entry.status, entry.reason = STATUS_FAILED, _first_line(exc)
         return None
     entry.artifact = str(runner.artifact)
-    entry.artifact_bytes = _bytes_of(Path(runner.artifact))
+    files = getattr(runner, "artifact_files", None) or [runner.artifact]  # OpenVINO: .xml + .bin (+ post part)
+    sizes = [_bytes_of(Path(f)) for f in files]
+    entry.artifact_bytes = None if any(s is None for s in sizes) else sum(s for s in sizes if s is not None)
     try:
         with MemoryProbe() as probe:
             runner.open()
@@ -448,6 +452,7 @@ def _open_slot(entry: BenchEntry, model_dir: Path, image: np.ndarray, warmup: in
         runner.close()
         return None
     entry.memory = dict(probe.result)
+    entry.compile_s = getattr(runner, "compile_s", None)
     return _Slot(entry, runner, image)
 
 
@@ -674,12 +679,16 @@ def _for_config(names: list[str], config: tuple[int, int], options: BenchOptions
 
 
 def _fill_speedups(group: list[BenchEntry]) -> None:
-    """speed-up = median(torch) / median(entry) for entries of the same graph in one interleaved group."""
+    """speed-up = median(torch) / median(entry) (and the same against torch-compile) for entries of the same graph
+    in one interleaved group."""
     for graph in GRAPHS:
         ref = next((e for e in group if e.backend == "torch" and e.graph == graph and e.ok), None)
+        compiled = next((e for e in group if e.backend == "torch-compile" and e.graph == graph and e.ok), None)
         for e in group:
             if e.graph == graph and e.ok and ref is not None:
                 e.speedup_vs_torch = round(ref.median_ms / e.median_ms, 4)
+            if e.graph == graph and e.ok and compiled is not None:
+                e.speedup_vs_torch_compile = round(compiled.median_ms / e.median_ms, 4)
 
 
 def summary_rows(result: BenchResult) -> list[dict[str, Any]]:
@@ -700,6 +709,7 @@ def summary_rows(result: BenchResult) -> list[dict[str, Any]]:
                 "p90 ms": e.latency_ms.p90,
                 "min ms": e.latency_ms.min,
                 "vs torch": e.speedup_vs_torch,
+                "vs compiled": e.speedup_vs_torch_compile,
                 "floor ms": e.floor_ms,
                 "MB": (e.artifact_bytes or 0) / 1e6,
                 "peak MB": e.memory.get("peak_delta_mb"),

@@ -526,6 +526,7 @@ def summary_rows(pipeline: Pipeline) -> list[dict[str, Any]]:
             if e is not None:
                 row["median ms"] = e.median_ms
                 row["vs torch"] = e.speedup_vs_torch
+                row["vs torch-compile"] = e.speedup_vs_torch_compile
                 row["MB"] = (e.artifact_bytes or 0) / 1e6
         rows.append(row)
     return rows

@@ -119,6 +119,8 @@ class BenchEntry:
     macs: dict[str, int] = field(default_factory=dict)  # {"network", "postprocess", "total"}
     floor_ms: float | None = None  # MACs at this machine's measured matmul peak
     speedup_vs_torch: float | None = None  # median(torch) / median(this), same graph/size/proposals/threads
+    speedup_vs_torch_compile: float | None = None  # median(torch-compile) / median(this), likewise
+    compile_s: float | None = None  # torch-compile: the compiling first call in open(), never in the latency
 
     @property
     def ok(self) -> bool:

@@ -32,6 +32,7 @@ class Precision(str, enum.Enum):
 
     FP32 = "fp32"
     FP16 = "fp16"
+    BF16 = "bf16"  # bfloat16 network, float32 post-processing (OpenVINO on CPUs with AVX512-BF16 / AMX)
     INT8_DYNAMIC = "int8-dynamic"  # weight-only int8
     INT8_STATIC = "int8-static"  # ONNX Runtime QDQ with calibration
     INT8 = "int8"  # full integer (TFLite, TensorRT) with calibration

@@ -42,7 +42,7 @@ def test_unlabelled_data_is_judged_against_the_reference(precision: str) -> None
 
 def test_reduced_precisions_are_looser_than_fp32_but_have_agreement_floors() -> None:
     fp32 = TOLERANCES["fp32"]
-    for precision in ("fp16", "int8", "int8-static", "int8-dynamic"):
+    for precision in ("fp16", "bf16", "int8", "int8-static", "int8-dynamic"):
         tol = TOLERANCES[precision]
         assert 50.0 < tol["min_pixel_agreement"] < fp32["min_pixel_agreement"]
         assert 0.0 < tol["min_topn_match"] < fp32["min_topn_match"]

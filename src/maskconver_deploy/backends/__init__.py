@@ -1,7 +1,7 @@
 """Backends: one module each, behind `Runner` (base.py). Names users type, and how they map to modules.
 
 A backend name is a family plus an optional precision: `ort`, `ort-int8-static`, `ort-mobile`,
-`tflite-fp16`, `tensorrt-int8`, `torch`, `torch-cuda`. Without a precision it means fp32.
+`tflite-fp16`, `tensorrt-int8`, `openvino-bf16`, `torch`, `torch-compile`, `torch-cuda`. Without a precision it means fp32.
 
 Each backend module provides:
     FAMILIES: tuple[str, ...]                      families it serves
@@ -35,10 +35,12 @@ if TYPE_CHECKING:
 FAMILY_MODULES: dict[str, str] = {
     "torch": "torch_ref",
     "torch-cuda": "torch_ref",
+    "torch-compile": "torch_ref",
     "ort": "ort",
     "ort-mobile": "ort",
     "tflite": "tflite",
     "tensorrt": "trt",
+    "openvino": "openvino",
 }
 
 

@@ -1,11 +1,17 @@
 """The PyTorch reference behind the common Runner interface: DeployModel in eager mode (the parity baseline).
 
-Families: `torch` (CPU, fp32) and `torch-cuda` (fp32, or fp16 under autocast). The artifact is a checkpoint
-(`reference.pt` in a model folder); there is nothing to compile.
+Families: `torch` (CPU, fp32, eager), `torch-compile` (CPU, fp32, the same module under `torch.compile`: the
+baseline a PyTorch user who wants speed would pick) and `torch-cuda` (fp32, or fp16 under autocast). The artifact
+is a checkpoint (`reference.pt` in a model folder); there is nothing to compile ahead of time.
+
+`torch-compile` compiles when the runner opens: `open()` runs the module once on a blank image, which is when
+TorchDynamo traces and Inductor generates and builds the kernels, and keeps that time in `runner.compile_s`
+(reported apart; it is never part of a timed call).
 """
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -16,9 +22,10 @@ from maskconver_deploy.backends.base import Availability, Runner
 from maskconver_deploy.errors import BackendUnavailable, UserError
 from maskconver_deploy.types import OUTPUT_NAMES, ModelMeta, Precision
 
-FAMILIES = ("torch", "torch-cuda")
+FAMILIES = ("torch", "torch-compile", "torch-cuda")
 PRECISIONS: dict[str, tuple[Precision, ...]] = {
     "torch": (Precision.FP32,),
+    "torch-compile": (Precision.FP32,),
     "torch-cuda": (Precision.FP32, Precision.FP16),
 }
 ARTIFACT_NAME = "reference.pt"
@@ -33,6 +40,15 @@ def availability(family: str) -> Availability:
     except Exception as exc:  # a broken install must not crash a listing
         return Availability(False, f"torch cannot be imported ({type(exc).__name__})", "pip install torch")
     if family == "torch":
+        return Availability(True)
+    if family == "torch-compile":
+        import shutil
+
+        if not hasattr(torch, "compile"):
+            return Availability(False, "this torch has no torch.compile", "pip install torch==2.13.0")
+        if not any(shutil.which(cc) for cc in ("g++", "c++", "clang++")):
+            return Availability(False, "torch.compile's CPU backend (Inductor) needs a C++ compiler",
+                                "install g++ (apt-get install g++)")  # fmt: skip
         return Availability(True)
     try:
         has_cuda = bool(torch.cuda.is_available())
@@ -69,6 +85,7 @@ class TorchRunner(Runner):
         device: str = "cpu",
         half: bool = False,
         output: str = "panoptic",
+        compiled: bool = False,
     ) -> None:
         super().__init__(name, artifact, meta, threads)
         if output not in OUTPUT_NAMES:
@@ -76,6 +93,8 @@ class TorchRunner(Runner):
         self.device = device
         self.half = half
         self.output = output
+        self.compiled = compiled
+        self.compile_s: float | None = None  # torch-compile: seconds of the compiling first call in open()
         self._deploy: Any = None
 
     def _open(self) -> None:
@@ -98,6 +117,16 @@ class TorchRunner(Runner):
         except ValueError as exc:
             raise UserError(str(exc), self.artifact) from None
         self._deploy = deploy.to(self.device)
+        if self.compiled:
+            self._deploy = torch.compile(self._deploy, dynamic=False)
+            h, w = self.meta.input_size
+            start = time.perf_counter()
+            try:
+                self._run({"image": np.zeros((1, h, w, 3), np.uint8)})  # traces and builds the kernels
+            except Exception as exc:  # Dynamo/Inductor failures are long; one line names the cause
+                first = next((ln for ln in str(exc).splitlines() if ln.strip()), type(exc).__name__)
+                raise UserError(f"torch.compile failed ({type(exc).__name__}: {first[:300]})", self.artifact) from None
+            self.compile_s = time.perf_counter() - start
 
     def _run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch
@@ -129,7 +158,7 @@ class TorchRunner(Runner):
 def open_runner(
     artifact: Path, meta: ModelMeta, name: BackendName, threads: int | None = None, output: str = "panoptic"
 ) -> TorchRunner:
-    """A TorchRunner for `name` (torch, torch-cuda, torch-cuda-fp16); an unavailable device is a UserError."""
+    """A TorchRunner for `name` (torch, torch-compile, torch-cuda, torch-cuda-fp16); unavailable: BackendUnavailable."""
     if name.family not in FAMILIES:
         raise UserError(f"backend '{name}' is not served by the torch reference")
     if name.precision not in PRECISIONS[name.family]:
@@ -147,4 +176,5 @@ def open_runner(
         device=device,
         half=name.precision is Precision.FP16,
         output=output,
+        compiled=name.family == "torch-compile",
     )

@@ -449,11 +449,11 @@ def _main_table(bundle: ResultsBundle) -> list[Block]:
             _f(params / 1e6 if params else None, 3), _f(e.macs.get("total", 0) / 1e9 if e.macs else None, 3),
             _f(pq), _f(delta, 2), parity.verdict if parity else ("-" if native else "n/a (other size)"),
             _f(e.median_ms), _f(e.latency_ms.p90 if e.latency_ms else None),
-            _f(e.speedup_vs_torch, 2, "x"), floor, _mb(e.artifact_bytes),
+            _f(e.speedup_vs_torch, 2, "x"), _f(e.speedup_vs_torch_compile, 2, "x"), floor, _mb(e.artifact_bytes),
             _f(e.memory.get("peak_delta_mb"), 1),
         ])  # fmt: skip
     columns = ["backend", "precision", "size", "threads", "params (M)", "MACs (G)", "PQ", "ΔPQ vs ref", "parity",
-               "median ms", "p90 ms", "speed-up vs PyTorch", "% of floor", "artifact MB", "peak mem MB"]  # fmt: skip
+               "median ms", "p90 ms", "speed-up vs PyTorch", "vs torch.compile", "% of floor", "artifact MB", "peak mem MB"]  # fmt: skip
     caption = f"End to end at {native_n} proposals (the model's own setting), measured on this machine"
     blocks: list[Block] = [Heading(2, "Results: backend x precision x size"), Table(columns, rows, caption, status_column="parity")]
     skipped = [e for e in bench.entries if not e.ok]
