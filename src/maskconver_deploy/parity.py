@@ -22,13 +22,13 @@ Per precision:
 * fp32: >= 99.9% of pixels, and PQ unchanged: |ΔPQ| < 0.005 PQ points (0-100 scale), i.e. the difference shows
   as 0.00 at two decimals (unlabelled: PQ vs the reference > 99.995). An exact runtime gives ΔPQ = 0 exactly;
   anything that moves a whole segment's IoU moves PQ by far more than 0.005 on a few dozen images.
-* fp16 (and bf16): |ΔPQ| <= 0.5. Half precision keeps ~3 decimal digits: masks flip only at near-ties of two
+* fp16: |ΔPQ| <= 0.5. Half precision keeps ~3 decimal digits: masks flip only at near-ties of two
   proposals' weights and at the score threshold, which costs PQ in the first decimal; 0.5 is MMDeploy's PQ
   regression tolerance and half the int8 budget, so a real fp16 bug (a wrong cast, an overflow) cannot hide.
 * bf16: |ΔPQ| <= 0.5, as fp16 (bfloat16 keeps 8 significant bits, fewer than fp16, but only the network runs in
   it: the post-processing that orders and merges proposals stays float32).
 * int8-dynamic, int8-static, int8: |ΔPQ| <= 1.0 (the project's int8 budget).
-The agreement floors of fp16 and int8 are set from measurements on the shipped model (README "Parity": the
+The agreement floors of fp16, bf16 and int8 are set from measurements on the shipped model (README "Parity": the
 measured values and the margin); they catch a broken artifact whose errors happen to cancel in PQ.
 * "skipped": not built here (runtime unavailable, artifact missing: the reason says which `maskconver compile`
   makes it). An artifact that exists but cannot be loaded ("error"), is stale ("fail": built from another export)
