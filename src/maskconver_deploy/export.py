@@ -347,8 +347,9 @@ def compare_outputs(reference: dict[str, np.ndarray], candidate: dict[str, np.nd
     out: dict[str, Any] = {}
     for name, want in reference.items():
         got = np.asarray(candidate[name])
-        if got.shape != want.shape:
-            out[name] = {"shape_ok": False, "shape": list(got.shape), "expected": list(want.shape), "ok": False}
+        if got.shape != want.shape or got.dtype != want.dtype:
+            out[name] = {"shape_ok": False, "shape": [*got.shape, str(got.dtype)],
+                         "expected": [*want.shape, str(want.dtype)], "ok": False}
             continue
         if np.issubdtype(want.dtype, np.integer):
             same = got == want

@@ -307,7 +307,7 @@ def keep_and_tables(
     valid = scores > object_mask_threshold
     keep = valid & (mask_area > small_area) & (original_area > 0) & (mask_area > overlap_threshold * original_area)
     classes32 = classes.to(torch.int32)
-    slots = torch.arange(1, num + 1, dtype=torch.int32, device=scores.device)
+    slots = torch.arange(num, device=scores.device).to(torch.int32) + 1  # (an int32 arange exports as int64)
     instance = torch.where(classes32 < num_things, slots, torch.zeros_like(classes32))
     label = classes32 + 1
     zero = torch.zeros_like(classes32)
