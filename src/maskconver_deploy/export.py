@@ -93,8 +93,14 @@ def export(
     graphs: Sequence[str] = DEFAULT_GRAPHS,
     force: bool = False,
     on_step: Callable[[str], None] | None = None,
+    merge: str | None = None,
+    mask_activation: str | None = None,
 ) -> ModelDir:
     """Export `checkpoint` into the model folder `model_dir` (see the module docstring).
+
+    `merge` picks the post-processing path (model/postprocess.py MERGES; default: the checkpoint's, `input`),
+    `mask_activation` the mask activation (default: the checkpoint's, or the merge path's own when `merge` is
+    given: sigmoid for `official`, hard-sigmoid otherwise). Both go into the spec of reference.pt and model.json.
 
     `size` re-targets the input size (an int for square, or (H, W); multiples of the output stride), `proposals`
     the top-N. The weights are the checkpoint's; reference.pt is the checkpoint itself when nothing changes,
@@ -102,7 +108,7 @@ def export(
     `on_step(graph)` is called after each graph is exported and verified (a progress display).
     """
     return _export(Path(checkpoint), Path(model_dir), size=size, proposals=proposals, graphs=graphs, force=force,
-                   on_step=on_step)  # fmt: skip
+                   on_step=on_step, merge=merge, mask_activation=mask_activation)  # fmt: skip
 
 
 def export_variant(
@@ -115,7 +121,8 @@ def export_variant(
 ) -> ModelDir:
     """The same weights (source/reference.pt) exported at another input size / proposal count into `target`.
 
-    The variant keeps the source's checkpoint_sha256, so both name the same trained weights.
+    The variant keeps the source's checkpoint_sha256 and its merge path, so both name the same trained weights and
+    compute the same post-processing.
     """
     return _export(
         source.reference_path(),
@@ -126,6 +133,8 @@ def export_variant(
         force=force,
         checkpoint_sha256=source.meta.checkpoint_sha256 or None,
         variant_of=str(source.path),
+        merge=source.meta.merge,
+        mask_activation=source.meta.mask_activation,
     )
 
 
@@ -143,9 +152,29 @@ def _size_pair(size: int | Sequence[int] | None, current: tuple[int, int]) -> tu
     return values  # type: ignore[return-value]
 
 
-def retarget(model: Any, size: tuple[int, int], proposals: int) -> Any:
-    """The same weights in a model whose spec has another input size / proposal count (UserError if invalid)."""
+def merge_options(spec: Any, merge: str | None, mask_activation: str | None) -> tuple[str, str]:
+    """(merge, activation) for an export: given values (UserError if unknown) or the spec's; see `export`."""
+    from maskconver_deploy.model.postprocess import default_activation, normalize_activation, normalize_merge
+
+    try:
+        chosen = normalize_merge(spec.merge if merge is None else merge)
+        if mask_activation is not None:
+            activation = normalize_activation(mask_activation)
+        elif merge is not None:
+            activation = default_activation(chosen)
+        else:
+            activation = normalize_activation(spec.mask_activation)
+    except ValueError as exc:
+        raise UserError(f"--merge / --mask-activation: {exc}") from None
+    return chosen, activation
+
+
+def retarget(model: Any, size: tuple[int, int], proposals: int, merge: str | None = None,
+             mask_activation: str | None = None) -> Any:
+    """The same weights in a model whose spec has another input size / proposal count / merge path / mask
+    activation (UserError if invalid); the model itself when nothing changes."""
     from maskconver_deploy.model.maskconver import MaskConver
+    from maskconver_deploy.model.postprocess import normalize_activation
 
     spec = model.spec
     stride = spec.output_stride
@@ -157,9 +186,12 @@ def retarget(model: Any, size: tuple[int, int], proposals: int) -> Any:
     limit = min(MAX_TOPK, spec.num_classes * feature[0] * feature[1])
     if not 1 <= proposals <= limit:
         raise UserError(f"--proposals {proposals}: must be in 1..{limit} at input size {size[0]}x{size[1]}")
-    if tuple(spec.input_size) == size and spec.num_proposals == proposals:
+    merge, activation = merge_options(spec, merge, mask_activation)
+    if (tuple(spec.input_size) == size and spec.num_proposals == proposals and spec.merge == merge
+            and normalize_activation(spec.mask_activation) == activation):
         return model
-    changed = MaskConver(spec.with_changes(input_size=size, num_proposals=proposals))
+    changed = MaskConver(spec.with_changes(input_size=size, num_proposals=proposals, merge=merge,
+                                           mask_activation=activation))
     changed.load_state_dict(model.state_dict(), strict=True)
     return changed.eval()
 
@@ -315,8 +347,9 @@ def compare_outputs(reference: dict[str, np.ndarray], candidate: dict[str, np.nd
     out: dict[str, Any] = {}
     for name, want in reference.items():
         got = np.asarray(candidate[name])
-        if got.shape != want.shape:
-            out[name] = {"shape_ok": False, "shape": list(got.shape), "expected": list(want.shape), "ok": False}
+        if got.shape != want.shape or got.dtype != want.dtype:
+            out[name] = {"shape_ok": False, "shape": [*got.shape, str(got.dtype)],
+                         "expected": [*want.shape, str(want.dtype)], "ok": False}
             continue
         if np.issubdtype(want.dtype, np.integer):
             same = got == want
@@ -421,6 +454,8 @@ def _export(
     checkpoint_sha256: str | None = None,
     variant_of: str | None = None,
     on_step: Callable[[str], None] | None = None,
+    merge: str | None = None,
+    mask_activation: str | None = None,
 ) -> ModelDir:
     from maskconver_deploy.model.checkpoint import load_checkpoint, model_meta, save_checkpoint
     from maskconver_deploy.model.postprocess import DeployModel
@@ -431,7 +466,7 @@ def _export(
     model, categories, provenance = load_checkpoint(checkpoint)
     target_size = _size_pair(size, tuple(model.spec.input_size))
     num = int(proposals) if proposals is not None else int(model.spec.num_proposals)
-    deploy_model = retarget(model, target_size, num)
+    deploy_model = retarget(model, target_size, num, merge, mask_activation)
     changed = deploy_model is not model
     sha = checkpoint_sha256 or sha256_file(checkpoint)
     meta = model_meta(deploy_model, categories, output="panoptic", num_proposals=num, checkpoint_sha256=sha)
@@ -457,7 +492,9 @@ def _export(
         reference = staging / REFERENCE_NAME
         if changed:
             derived = {**provenance, "derived_from_sha256": sha, "derived_from": str(checkpoint),
-                       "changes": {"input_size": list(target_size), "num_proposals": num}}  # fmt: skip
+                       "changes": {"input_size": list(target_size), "num_proposals": num,
+                                   "merge": deploy_model.spec.merge,
+                                   "mask_activation": deploy_model.spec.mask_activation}}  # fmt: skip
             save_checkpoint(reference, deploy_model, categories, _plain(derived))
         else:
             shutil.copyfile(checkpoint, reference)
@@ -474,6 +511,11 @@ def _export(
                       "layout": "NHWC", "color": "RGB"},  # fmt: skip
             "verification": verification,
             "variant_of": variant_of,
+            "merge": {"path": meta.merge, "mask_activation": meta.mask_activation,
+                      "small_area_px": meta.extra.get("feature_small_area") if meta.merge == "feature"
+                      else meta.small_area_threshold,
+                      "resolution": list(deploy_model.spec.feature_size) if meta.merge == "feature"
+                      else list(target_size)},
             "exported_at": datetime.now(UTC).isoformat(timespec="seconds"),
             "seconds": round(time.perf_counter() - started, 2),
         }

@@ -71,6 +71,8 @@ class ModelMeta:
     small_area_threshold: int = 0
     label_divisor: int = LABEL_DIVISOR
     feature_stride: int = 8
+    merge: str = "input"  # merge path of the post-processing (model/postprocess.py MERGES)
+    mask_activation: str = "hard-sigmoid"  # hard-sigmoid | sigmoid
     checkpoint_sha256: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -81,6 +83,11 @@ class ModelMeta:
     @property
     def num_classes(self) -> int:
         return len(self.categories)
+
+    @property
+    def merge_path(self) -> str:
+        """The post-processing path in one label, e.g. 'input/hard-sigmoid' (tables, logs)."""
+        return f"{self.merge}/{self.mask_activation}"
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

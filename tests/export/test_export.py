@@ -181,6 +181,43 @@ def test_onnxruntime_equals_pytorch(tiny_model_dir: Path, variant_96: Path, whic
         np.testing.assert_array_equal(got["classes"], want["classes"])
 
 
+CASES = (((96, 64), 13, ("panoptic", "semantic")), ((64, 64), 5, ("panoptic",)), ((64, 96), 7, ("panoptic",)))
+MERGE_CASES = [
+    pytest.param("input", CASES[:1]), pytest.param("feature", CASES[1:2]), pytest.param("official", CASES[2:]),
+    pytest.param("input-legacy", CASES[1:2]),
+    *(pytest.param(m, CASES, marks=pytest.mark.slow, id=f"{m}-all") for m in ("input", "feature", "official")),
+]  # the default run: one size and count per path (one export is ~10-50 s here); slow: every case for each
+
+
+@pytest.mark.parametrize(("merge", "cases"), MERGE_CASES)
+def test_each_merge_path_exports_at_several_sizes_and_counts(tiny_checkpoint: Path, tmp_path: Path, merge: str,
+                                                             cases: tuple) -> None:  # fmt: skip
+    """Each path exports, verifies (ONNX Runtime = PyTorch) and records itself; the torch reference reads it back."""
+    for size, proposals, graphs in cases:
+        folder = export_mod.export(tiny_checkpoint, tmp_path / f"{merge}-{size[0]}-{proposals}", size=size,
+                                   proposals=proposals, graphs=graphs, merge=merge)  # fmt: skip
+        meta, record = folder.meta, folder.record
+        assert (meta.merge, meta.input_size, meta.num_proposals) == (merge, size, proposals)
+        assert meta.mask_activation == ("sigmoid" if merge == "official" else "hard-sigmoid")
+        assert record["merge"]["path"] == merge
+        assert record["merge"]["resolution"] == ([size[0] // 8, size[1] // 8] if merge == "feature" else list(size))
+        assert onnx_meta(onnx.load(str(folder.onnx_path()))).merge == merge
+        for graph in graphs:
+            assert record["verification"][graph][f"{graph}_equal"] == 1.0
+        ops = record["graphs"]["panoptic"]["ops"]
+        assert ("ScatterElements" in ops) == (merge != "input-legacy")  # owner histogram instead of N x H x W Equal
+        assert export_mod.graph_problems(onnx.load(str(folder.onnx_path()))) == []
+        with backends.open_runner("torch", model_dir=folder.path) as ref:
+            assert ref._deploy.merge == merge  # noqa: SLF001 - the path the reference computes
+
+
+def test_unknown_merge_or_activation_is_one_line(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    for args, word in ((["--merge", "nearest"], "merge"), (["--mask-activation", "relu"], "activation")):
+        result = CliRunner().invoke(app, ["export", "--checkpoint", str(tiny_checkpoint), "--out",
+                                          str(tmp_path / "x"), *args])  # fmt: skip
+        assert word in one_line_exit_2(result)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Command line: --force, bad input, interruption
 # ---------------------------------------------------------------------------------------------------------------

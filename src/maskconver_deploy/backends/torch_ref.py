@@ -113,7 +113,8 @@ class TorchRunner(Runner):
                 self.artifact,
             )
         try:
-            deploy = DeployModel(model, output=self.output, num_proposals=self.meta.num_proposals)
+            deploy = DeployModel(model, output=self.output, num_proposals=self.meta.num_proposals,
+                                 merge=self.meta.merge, mask_activation=self.meta.mask_activation)
         except ValueError as exc:
             raise UserError(str(exc), self.artifact) from None
         self._deploy = deploy.to(self.device)

@@ -18,6 +18,17 @@ SizeOpt = Annotated[
 ProposalsOpt = Annotated[
     Optional[int], typer.Option("--proposals", "-n", min=1, help="Top-N proposals in the graph (default: the checkpoint's).")
 ]
+MergeOpt = Annotated[
+    Optional[str],
+    typer.Option("--merge", help="Merge path: input (default; merge at the network input, VOID where no mask), "
+                 "feature (official hardware path: merge on the feature grid), official (official evaluation path: "
+                 "every pixel owned), input-legacy (input's answer, earlier graph)."),
+]
+ActivationOpt = Annotated[
+    Optional[str],
+    typer.Option("--mask-activation", help="hard-sigmoid or sigmoid (default: sigmoid for --merge official, "
+                 "hard-sigmoid otherwise)."),
+]
 GraphsOpt = Annotated[
     Optional[list[str]],
     typer.Option("--output", help="Graphs: panoptic, raw, semantic; repeat or give a comma list (default panoptic,raw)."),
@@ -30,6 +41,8 @@ def export(
     size: SizeOpt = None,
     proposals: ProposalsOpt = None,
     output: GraphsOpt = None,
+    merge: MergeOpt = None,
+    mask_activation: ActivationOpt = None,
     force: ForceOpt = False,
     json_out: JsonOpt = False,
 ) -> None:
@@ -47,6 +60,7 @@ def export(
     graphs = export_mod.parse_graphs(output)
     with ProgressBar("export", total=len(graphs)) as bar:
         folder = export_mod.export(checkpoint, out, size=size, proposals=proposals, graphs=graphs, force=force,
+                                   merge=merge, mask_activation=mask_activation,
                                    on_step=lambda graph: bar.update(1, status=f"{graph} verified"))  # fmt: skip
     record = folder.record
     rows = []
@@ -62,6 +76,7 @@ def export(
         return
     h, w = folder.meta.input_size
     print_table(rows, title=f"{folder.path}: {folder.meta.preset} {h}x{w}, {folder.meta.num_proposals} proposals, "
-                            f"opset {record['opset']}, {record['seconds']:.1f} s")  # fmt: skip
+                            f"merge {folder.meta.merge_path}, opset {record['opset']}, "
+                            f"{record['seconds']:.1f} s")  # fmt: skip
     log("ONNX Runtime matches PyTorch on the check images; next: maskconver compile --model-dir "
         f"{folder.path} --backend ort-mobile (or tflite, ort-int8-static --calib ...)")

@@ -151,6 +151,8 @@ def model_meta(
     checkpoint_sha256: str = "",
 ) -> ModelMeta:
     """The metadata every artifact carries, from the model's spec."""
+    from maskconver_deploy.model.postprocess import feature_small_area, normalize_activation
+
     spec = model.spec
     return ModelMeta(
         preset=spec.name,
@@ -164,6 +166,9 @@ def model_meta(
         overlap_threshold=spec.overlap_threshold,
         small_area_threshold=spec.scaled_small_area(),
         feature_stride=spec.feature_stride,
+        merge=spec.merge,
+        mask_activation=normalize_activation(spec.mask_activation),
         checkpoint_sha256=checkpoint_sha256,
-        extra={"num_things": spec.num_things, "mask_activation": spec.mask_activation, "spec": spec.to_dict()},
+        extra={"num_things": spec.num_things, "mask_activation": spec.mask_activation, "spec": spec.to_dict(),
+               "feature_small_area": feature_small_area(spec.small_area_threshold, spec.feature_size)},
     )

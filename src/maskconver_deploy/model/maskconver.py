@@ -34,8 +34,10 @@ class MaskConver(nn.Module):
         super().__init__()
         if spec.backbone not in BACKBONES:
             raise ValueError(f"unknown backbone '{spec.backbone}'; known: {', '.join(BACKBONES)}")
-        if spec.mask_activation not in ("hard_sigmoid", "sigmoid"):
-            raise ValueError(f"mask_activation must be 'hard_sigmoid' or 'sigmoid', got '{spec.mask_activation}'")
+        if spec.mask_activation not in ("hard_sigmoid", "hard-sigmoid", "sigmoid"):
+            raise ValueError(f"mask_activation must be 'hard-sigmoid' or 'sigmoid', got '{spec.mask_activation}'")
+        if spec.merge not in ("input", "feature", "official", "input-legacy"):
+            raise ValueError(f"merge must be input, feature, official or input-legacy, got '{spec.merge}'")
         self.spec = spec
         norm = NormConfig(eps=spec.bn_eps, momentum=spec.bn_momentum)
         self.backbone = MobileNetMH(BACKBONES[spec.backbone], output_stride=spec.output_stride, norm=norm)

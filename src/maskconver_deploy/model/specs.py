@@ -88,6 +88,7 @@ class MaskConverSpec:
     overlap_threshold: float = 0.7
     small_area_threshold: int = 256
     mask_activation: str = "hard_sigmoid"  # deployed path (paper section 3.4); "sigmoid" is the option
+    merge: str = "input"  # merge path of the deployed graphs (postprocess.MERGES)
 
     @property
     def num_stuff(self) -> int:

@@ -1,0 +1,316 @@
+"""The post-processing converter of the TFLite backend: ONNX nodes after the heads -> TensorFlow ops, one node at
+a time, in the ONNX layout. Runs in the onnx2tf environment (imported by builder.py); the toolkit side asks
+`tail_ops()` only (nothing heavy is imported at module level).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+
+class Unsupported(Exception):
+    """A post-processing op (or attribute) the op-by-op converter does not handle."""
+
+
+def tf_error_line(exc: BaseException) -> str:
+    """The informative line of a TensorFlow / converter error (they are long and end in MLIR dumps)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    for marker in ("TF Select ops:", "op is neither", "error:", "Error"):
+        for line in lines:
+            if marker in line:
+                return line[:300]
+    return lines[-1][:300] if lines else ""
+
+
+def _tf() -> Any:
+    import tensorflow as tf
+
+    return tf
+
+
+# ONNX ops that are one TensorFlow call on their inputs (paths under `tf.`); the others are `TailConverter.op_*`
+_ELEMENTWISE = {
+    "Add": "math.add", "Sub": "math.subtract", "Mul": "math.multiply", "Equal": "math.equal",
+    "Greater": "math.greater", "Less": "math.less", "And": "math.logical_and", "Where": "where",
+    "Sigmoid": "math.sigmoid", "Relu": "nn.relu", "Identity": "identity", "MatMul": "linalg.matmul",
+}  # fmt: skip
+
+
+def tail_ops() -> set[str]:
+    """The ONNX op types the post-processing converter handles."""
+    return set(_ELEMENTWISE) | {name[3:] for name in vars(TailConverter) if name.startswith("op_")}
+
+
+def text(value: Any) -> str:
+    """An ONNX string attribute (bytes) as str."""
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+class TailConverter:
+    """ONNX post-processing -> TensorFlow ops with the same layout and semantics, one node at a time.
+
+    It covers the ops our exporter emits after the heads (every graph: panoptic, raw, semantic, and the model's
+    ablation switches); any other op is a one-line `Unsupported`. Values are numpy arrays while they are constants
+    (initializers, shape arithmetic) and TF tensors otherwise; a node whose inputs are all constant is evaluated
+    eagerly, so shapes, axes and K stay static.
+    """
+
+    def __init__(self, model: Any) -> None:
+        import functools
+
+        self.model = model
+        self.elementwise = {op: functools.reduce(getattr, path.split("."), _tf()) for op, path in _ELEMENTWISE.items()}
+
+    def __call__(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        from onnx import helper, numpy_helper
+
+        env: dict[str, Any] = {t.name: numpy_helper.to_array(t) for t in self.model.graph.initializer}
+        env.update(inputs)
+        for node in self.model.graph.node:
+            args = [env[name] if name else None for name in node.input]
+            attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+            if node.op_type not in tail_ops() or node.domain not in ("", "ai.onnx"):
+                raise Unsupported(f"op {node.op_type} (node {node.name or '?'}) has no TFLite conversion here")
+            if node.op_type in self.elementwise:
+                handler = self._elementwise(node.op_type)
+            else:
+                handler = getattr(self, f"op_{node.op_type}")
+            if all(isinstance(a, np.ndarray) or a is None for a in args):
+                with _tf().init_scope():  # constant inputs: fold now
+                    outs = handler(args, attrs)
+                outs = tuple(np.asarray(o) for o in outs) if isinstance(outs, tuple) else np.asarray(outs)
+            else:
+                outs = handler(args, attrs)
+            for name, value in zip(node.output, outs if isinstance(outs, tuple) else (outs,), strict=False):
+                if name:
+                    env[name] = value
+        return {o.name: env[o.name] for o in self.model.graph.output}
+
+    def _elementwise(self, op_type: str) -> Any:
+        fn = self.elementwise[op_type]
+        return lambda a, k: fn(*a)
+
+    # -- helpers ----------------------------------------------------------------------------------------------
+    @staticmethod
+    def static(value: Any, what: str) -> np.ndarray:
+        if isinstance(value, np.ndarray):
+            return value
+        folded = _tf().get_static_value(value)
+        if folded is None:
+            raise Unsupported(f"{what} must be a constant")
+        return np.asarray(folded)
+
+    @staticmethod
+    def shape(value: Any) -> list[int]:
+        shape = list(value.shape)
+        if any(d is None for d in shape):
+            raise Unsupported("dynamic shapes in the post-processing")
+        return [int(d) for d in shape]
+
+    def axes(self, args: list[Any], attrs: dict[str, Any]) -> list[int] | None:
+        if "axes" in attrs:
+            return [int(a) for a in attrs["axes"]]
+        if len(args) > 1 and args[1] is not None:
+            return [int(a) for a in self.static(args[1], "axes").reshape(-1)]
+        return None
+
+    # -- elementwise with attributes --------------------------------------------------------------------------
+    def op_Cast(self, a: list[Any], k: dict[str, Any]) -> Any:
+        from onnx import helper
+
+        return _tf().cast(a[0], _tf().as_dtype(helper.tensor_dtype_to_np_dtype(int(k["to"]))))
+
+    def op_Div(self, a: list[Any], k: dict[str, Any]) -> Any:
+        """ONNX integer division rounds toward zero; TFLite has FLOOR_DIV only (and no int64 there: via int32)."""
+        tf = _tf()
+        x = tf.convert_to_tensor(a[0])
+        if not x.dtype.is_integer:
+            return tf.math.divide(x, a[1])
+        xs, ys = tf.cast(x, tf.int32), tf.cast(a[1], tf.int32)
+        floor = tf.math.floordiv(xs, ys)
+        inexact = tf.math.not_equal(floor * ys, xs)
+        signs_differ = tf.math.not_equal(tf.math.less(xs, 0), tf.math.less(ys, 0))
+        return tf.cast(floor + tf.cast(tf.math.logical_and(inexact, signs_differ), tf.int32), x.dtype)
+
+    def op_Clip(self, a: list[Any], k: dict[str, Any]) -> Any:
+        tf = _tf()
+        x = tf.convert_to_tensor(a[0])
+        if len(a) > 1 and a[1] is not None:
+            x = tf.math.maximum(x, tf.cast(a[1], x.dtype))
+        if len(a) > 2 and a[2] is not None:
+            x = tf.math.minimum(x, tf.cast(a[2], x.dtype))
+        return x
+
+    def op_HardSigmoid(self, a: list[Any], k: dict[str, Any]) -> Any:
+        alpha, beta = float(k.get("alpha", 0.2)), float(k.get("beta", 0.5))
+        return _tf().clip_by_value(a[0] * alpha + beta, 0.0, 1.0)
+
+    # -- shapes -----------------------------------------------------------------------------------------------
+    def op_Reshape(self, a: list[Any], k: dict[str, Any]) -> Any:
+        target = [int(d) for d in self.static(a[1], "Reshape shape")]
+        if not int(k.get("allowzero", 0)):
+            current = self.shape(a[0])
+            target = [current[i] if d == 0 else d for i, d in enumerate(target)]
+        return _tf().reshape(a[0], target)
+
+    def op_Flatten(self, a: list[Any], k: dict[str, Any]) -> Any:
+        shape = self.shape(a[0])
+        axis = int(k.get("axis", 1)) % (len(shape) or 1)
+        return _tf().reshape(a[0], [int(np.prod(shape[:axis])), int(np.prod(shape[axis:]))])
+
+    def op_Transpose(self, a: list[Any], k: dict[str, Any]) -> Any:
+        perm = k.get("perm")
+        return _tf().transpose(a[0], perm=[int(p) for p in perm] if perm is not None else None)
+
+    def op_Unsqueeze(self, a: list[Any], k: dict[str, Any]) -> Any:
+        shape, axes = self.shape(a[0]), self.axes(a, k) or []
+        for ax in sorted(ax % (len(shape) + len(axes)) for ax in axes):
+            shape.insert(ax, 1)
+        return _tf().reshape(a[0], shape)
+
+    def op_Squeeze(self, a: list[Any], k: dict[str, Any]) -> Any:
+        shape, axes = self.shape(a[0]), self.axes(a, k)
+        drop = {i for i, d in enumerate(shape) if d == 1} if axes is None else {x % len(shape) for x in axes}
+        return _tf().reshape(a[0], [d for i, d in enumerate(shape) if i not in drop])
+
+    def op_Concat(self, a: list[Any], k: dict[str, Any]) -> Any:
+        return _tf().concat(list(a), axis=int(k["axis"]))
+
+    def op_Expand(self, a: list[Any], k: dict[str, Any]) -> Any:
+        target = np.broadcast_shapes(tuple(self.shape(a[0])), tuple(int(d) for d in self.static(a[1], "Expand shape")))
+        return _tf().broadcast_to(a[0], target)
+
+    def op_Gather(self, a: list[Any], k: dict[str, Any]) -> Any:
+        axis, indices = int(k.get("axis", 0)), a[1]
+        if isinstance(indices, np.ndarray):
+            indices = np.where(indices < 0, indices + self.shape(a[0])[axis], indices)
+        return _tf().gather(a[0], indices, axis=axis)
+
+    def op_GatherElements(self, a: list[Any], k: dict[str, Any]) -> Any:
+        tf = _tf()
+        data, indices = a[0], tf.convert_to_tensor(a[1])
+        rank = len(self.shape(data))
+        axis = int(k.get("axis", 0)) % rank
+        grids = np.indices(self.shape(indices), dtype=indices.dtype.as_numpy_dtype)
+        coords = [indices if i == axis else tf.constant(grids[i]) for i in range(rank)]
+        return tf.gather_nd(data, tf.stack(coords, axis=-1))
+
+    def op_Slice(self, a: list[Any], k: dict[str, Any]) -> Any:
+        """Static starts / ends / axes / steps (the merge's `areas[1:]`)."""
+        shape = self.shape(a[0])
+        starts = [int(v) for v in self.static(a[1], "Slice starts").reshape(-1)]
+        ends = [int(v) for v in self.static(a[2], "Slice ends").reshape(-1)]
+        axes = [int(v) for v in self.static(a[3], "Slice axes").reshape(-1)] if len(a) > 3 and a[3] is not None \
+            else list(range(len(starts)))  # fmt: skip
+        steps = [int(v) for v in self.static(a[4], "Slice steps").reshape(-1)] if len(a) > 4 and a[4] is not None \
+            else [1] * len(starts)  # fmt: skip
+        index: list[slice] = [slice(None)] * len(shape)
+        for start, end, axis, step in zip(starts, ends, axes, steps, strict=True):
+            axis %= len(shape)
+            index[axis] = slice(*slice(start, end, step).indices(shape[axis]))
+        return a[0][tuple(index)]  # numpy arrays and TF tensors (one STRIDED_SLICE) take the same basic slicing
+
+    def op_ScatterElements(self, a: list[Any], k: dict[str, Any]) -> Any:
+        """1-D ScatterElements with reduction add (the owner histogram): data + UNSORTED_SEGMENT_SUM(updates)."""
+        tf = _tf()
+        if text(k.get("reduction", "none")) != "add" or len(self.shape(a[0])) != 1:
+            raise Unsupported("ScatterElements other than 1-D with reduction='add'")
+        size = self.shape(a[0])[0]
+        indices = tf.cast(tf.reshape(a[1], [-1]), tf.int32)
+        summed = tf.math.unsorted_segment_sum(tf.reshape(a[2], [-1]), indices, num_segments=size)
+        return tf.convert_to_tensor(a[0]) + summed
+
+    # -- reductions, top-N ------------------------------------------------------------------------------------
+    def op_ReduceSum(self, a: list[Any], k: dict[str, Any]) -> Any:
+        axes = self.axes(a, k)
+        if not axes and int(k.get("noop_with_empty_axes", 0)):
+            return a[0]
+        return _tf().math.reduce_sum(a[0], axis=axes or None, keepdims=bool(int(k.get("keepdims", 1))))
+
+    def op_ArgMax(self, a: list[Any], k: dict[str, Any]) -> Any:
+        tf = _tf()
+        if int(k.get("select_last_index", 0)):
+            raise Unsupported("ArgMax with select_last_index=1")
+        rank = len(self.shape(a[0]))
+        axis = int(k.get("axis", 0)) % rank
+        x = a[0]
+        if axis != rank - 1:  # TFLite's ARG_MAX over an inner axis is ~10x slower than a transpose + last axis
+            x = tf.transpose(x, [i for i in range(rank) if i != axis] + [axis])
+        out = tf.math.argmax(x, axis=-1, output_type=tf.int64)  # the first index of the maximum, as ONNX
+        return tf.expand_dims(out, axis) if int(k.get("keepdims", 1)) else out
+
+    def op_TopK(self, a: list[Any], k: dict[str, Any]) -> Any:
+        tf = _tf()
+        if not int(k.get("sorted", 1)) or not int(k.get("largest", 1)):
+            raise Unsupported("TopK other than largest=1, sorted=1")
+        count = int(self.static(a[1], "TopK K").reshape(-1)[0])
+        rank = len(self.shape(a[0]))
+        axis = int(k.get("axis", -1)) % rank
+        perm = [i for i in range(rank) if i != axis] + [axis]
+        x = a[0] if axis == rank - 1 else tf.transpose(a[0], perm)
+        values, indices = tf.math.top_k(x, k=count, sorted=True)
+        indices = tf.cast(indices, tf.int64)
+        if axis != rank - 1:
+            inverse = list(np.argsort(perm))
+            values, indices = tf.transpose(values, inverse), tf.transpose(indices, inverse)
+        return values, indices
+
+    # -- linear algebra, pooling, resizing -------------------------------------------------------------------
+    def op_Gemm(self, a: list[Any], k: dict[str, Any]) -> Any:
+        tf = _tf()
+        out = tf.linalg.matmul(a[0], a[1], transpose_a=bool(k.get("transA", 0)), transpose_b=bool(k.get("transB", 0)))
+        out = out * float(k.get("alpha", 1.0))
+        return out + float(k.get("beta", 1.0)) * a[2] if len(a) > 2 and a[2] is not None else out
+
+    def op_LayerNormalization(self, a: list[Any], k: dict[str, Any]) -> Any:
+        tf = _tf()
+        rank = len(self.shape(a[0]))
+        axes = list(range(int(k.get("axis", -1)) % rank, rank))
+        centered = a[0] - tf.math.reduce_mean(a[0], axis=axes, keepdims=True)
+        variance = tf.math.reduce_mean(centered * centered, axis=axes, keepdims=True)
+        out = centered * tf.math.rsqrt(variance + float(k.get("epsilon", 1e-5))) * a[1]
+        return out + a[2] if len(a) > 2 and a[2] is not None else out
+
+    def op_MaxPool(self, a: list[Any], k: dict[str, Any]) -> Any:
+        """2D max pool whose explicit pads are TF's SAME padding (the peak NMS). TF's SAME max pool ignores the
+        padding, as ONNX's implicit -inf padding does, with no -inf constant (its range would wreck int8 nearby)."""
+        tf = _tf()
+        shape = self.shape(a[0])
+        kernel = [int(v) for v in k["kernel_shape"]]
+        strides = [int(v) for v in k.get("strides", [1, 1])]
+        same = []
+        for size, kernel_, stride in zip(shape[2:], kernel, strides, strict=True):
+            total = max((-(-size // stride) - 1) * stride + kernel_ - size, 0)
+            same.append((total // 2, total - total // 2))
+        pads = [int(v) for v in k.get("pads", [0, 0, 0, 0])]
+        if len(shape) != 4 or int(k.get("ceil_mode", 0)) or text(k.get("auto_pad", "NOTSET")) != "NOTSET" \
+                or any(int(d) != 1 for d in k.get("dilations", [1, 1])) \
+                or pads != [same[0][0], same[1][0], same[0][1], same[1][1]]:  # fmt: skip
+            raise Unsupported(f"MaxPool other than 2D with SAME-like pads (kernel {kernel}, pads {pads})")
+        x = tf.nn.max_pool2d(tf.transpose(a[0], [0, 2, 3, 1]), ksize=kernel, strides=strides, padding="SAME")
+        return tf.transpose(x, [0, 3, 1, 2])
+
+    def op_Resize(self, a: list[Any], k: dict[str, Any]) -> Any:
+        tf = _tf()
+        shape = self.shape(a[0])
+        mode = text(k.get("mode", "nearest"))
+        transform = text(k.get("coordinate_transformation_mode", "half_pixel"))
+        sizes = self.static(a[3], "Resize sizes") if len(a) > 3 and a[3] is not None else np.zeros(0)
+        if sizes.size:
+            target = [int(v) for v in sizes]
+        else:
+            scales = [float(v) for v in self.static(a[2], "Resize scales")]
+            target = [int(np.floor(d * s)) for d, s in zip(shape, scales, strict=True)]
+        nhwc = len(shape) == 4 and target[0] == shape[0] and target[3] == shape[3] and target[1:3] != shape[1:3]
+        if len(shape) != 4 or (target[:2] != shape[:2] and not nhwc):
+            raise Unsupported("Resize other than the spatial dims of a 4D NCHW or NHWC tensor")
+        spatial = target[1:3] if nhwc else target[2:]
+        if mode != "linear" or transform not in ("half_pixel", "pytorch_half_pixel") or min(spatial) <= 1:
+            raise Unsupported(f"Resize mode={mode} coordinate_transformation_mode={transform}")
+        if nhwc:  # the merge's channel-last Resize: TFLite's own layout, no transposes
+            return tf.compat.v1.image.resize_bilinear(a[0], spatial, align_corners=False, half_pixel_centers=True)
+        x = tf.transpose(a[0], [0, 2, 3, 1])  # measured: 10x faster than resizing [B*C, h, w, 1] without transposes
+        x = tf.compat.v1.image.resize_bilinear(x, spatial, align_corners=False, half_pixel_centers=True)
+        return tf.transpose(x, [0, 3, 1, 2])
