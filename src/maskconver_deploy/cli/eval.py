@@ -1,4 +1,5 @@
-"""`maskconver eval`: panoptic quality (PQ/SQ/RQ, things/stuff) and mIoU, by the reference evaluator's rules.
+"""`maskconver eval`: panoptic quality (PQ/SQ/RQ, things/stuff) and mIoU, by the reference evaluator's rules, and
+(for a model run over a data set) COCO mask AP / AP50 / AP75 of the thing classes from the same pass.
 
 Two ways in:
 * folder vs folder: `--gt-json J --gt-dir D --pred-json PJ --pred-dir PD`;
@@ -40,7 +41,7 @@ def _folder_mode(gt_json: PathOpt, gt_dir: PathOpt, pred_json: PathOpt, pred_dir
 
 def _print(result: dict[str, Any], as_json: bool, per_class: bool) -> None:
     from maskconver_deploy.cli.console import fmt, log, print_json, print_table
-    from maskconver_deploy.evaluate import summary_rows
+    from maskconver_deploy.evaluate import mask_ap_rows, summary_rows
 
     if as_json:
         print_json(result)
@@ -49,6 +50,10 @@ def _print(result: dict[str, Any], as_json: bool, per_class: bool) -> None:
     if result.get("backend"):
         title += f" ({result['backend']})"
     print_table(summary_rows(result), columns=["group", "PQ", "SQ", "RQ", "n"], title=title)
+    ap_rows = mask_ap_rows(result)
+    if ap_rows:
+        print_table(ap_rows, columns=["group", "AP", "AP50", "AP75", "instances", "detections"],
+                    title="COCO mask AP (thing classes, pycocotools COCOeval segm)")  # fmt: skip
     if per_class:
         names = {c["id"]: c["name"] for c in result.get("categories", [])}
         rows = [
@@ -91,7 +96,8 @@ def eval_cmd(
         PathOpt,
         typer.Option(
             "--save-predictions",
-            help="Also write the model's answers as a COCO-panoptic folder (panoptic.json + panoptic/).",
+            help="Also write the model's answers as a COCO-panoptic folder (panoptic.json + panoptic/), their thing "
+            "segments as COCO instance results (instances.json) and the ground truth's (instances_gt.json).",
         ),
     ] = None,
     per_class: Annotated[bool, typer.Option("--per-class", help="Also print the per-category table.")] = False,
