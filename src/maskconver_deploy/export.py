@@ -188,15 +188,36 @@ def _simplify(model: Any, simplifier: str | None = None) -> tuple[Any, str]:
     if name == "onnxsim":
         import onnxsim
 
-        simplified, ok = onnxsim.simplify(model, check_n=0, certify=False)
+        simplified, ok = onnxsim.simplify(model, check_n=0, certify=False, initializers_as_constants=False)
         if not ok:  # only the random-input check can say False, and it is off; kept as a guard
             raise CheckFailed("onnxsim could not simplify the exported graph")
+        _constants_to_initializers(simplified)
         return simplified, f"onnxsim {metadata.version('onnxsim')}"
     if name == "onnxslim":
         import onnxslim
 
         return onnxslim.slim(model), f"onnxslim {metadata.version('onnxslim')}"
     raise UserError(f"unknown simplifier {name!r}; use one of {', '.join(SIMPLIFIERS)}")
+
+
+def _constants_to_initializers(model: Any) -> int:
+    """Move the tensor-valued Constant nodes onnxsim leaves (thresholds, resize scales, the merge's index tables)
+    into initializers, where onnxslim put them and where the TFLite post-processing converter and TensorRT's
+    pre-flight look for constants; returns how many moved."""
+    from onnx import numpy_helper
+
+    keep, moved = [], 0
+    for node in model.graph.node:
+        value = next((a for a in node.attribute if a.name == "value"), None)
+        if node.op_type == "Constant" and node.domain in ("", "ai.onnx") and value is not None and len(node.attribute) == 1:
+            model.graph.initializer.append(numpy_helper.from_array(numpy_helper.to_array(value.t), node.output[0]))
+            moved += 1
+        else:
+            keep.append(node)
+    if moved:
+        del model.graph.node[:]
+        model.graph.node.extend(keep)
+    return moved
 
 
 def name_nodes(model: Any) -> int:

@@ -68,6 +68,17 @@ def segments_info(answer: Any, categories: list[Any], label_divisor: int = LABEL
     return out
 
 
+def _at_size(answer: Any, shape: tuple[int, int]) -> Any:
+    """The answer with its panoptic map resized (nearest) to `shape`, the file's displayed size."""
+    import dataclasses
+
+    from maskconver_deploy.data.preprocess import resize_nearest
+
+    if tuple(answer.panoptic.shape) == tuple(shape):
+        return answer
+    return dataclasses.replace(answer, panoptic=resize_nearest(answer.panoptic, shape))
+
+
 def _save_png(path: Path, array: np.ndarray, force: bool) -> None:
     from PIL import Image
 
@@ -77,16 +88,17 @@ def _save_png(path: Path, array: np.ndarray, force: bool) -> None:
         Image.fromarray(array).save(tmp, format="PNG")
 
 
-def _check_images(images: list[Path], out: Path, force: bool, formats: tuple[str, ...] = ("panoptic",)) -> None:
+def _check_images(images: list[Path], out: Path, force: bool, formats: tuple[str, ...] = ("panoptic",),
+                  size: tuple[int, int] = (256, 256)) -> None:  # fmt: skip
     """Every image readable, no two with the same stem, no output overwritten without --force, before any work."""
-    from maskconver_deploy.data.preprocess import load_image
+    from maskconver_deploy.data.preprocess import load_image_fitted
     from maskconver_deploy.fileio import refuse_overwrite
 
     if not images:
         raise UserError("give at least one image file")
     seen: dict[str, Path] = {}
     for path in images:
-        load_image(path)  # one line naming the file when it is missing, not an image, or truncated
+        load_image_fitted(path, size)  # one line naming the file for every way it can fail to open or decode
         if path.stem in seen:
             raise UserError(f"has the same name as {seen[path.stem]}: their outputs would collide in {out}", path)
         seen[path.stem] = path
@@ -167,7 +179,7 @@ def predict(
     writes a COCO-panoptic PNG, its segments as JSON and an overlay PNG per image."""
     from maskconver_deploy.cli.console import print_json, print_table
     from maskconver_deploy.data.coco_panoptic import write_id_map
-    from maskconver_deploy.data.preprocess import load_image
+    from maskconver_deploy.data.preprocess import load_image_fitted
     from maskconver_deploy.fileio import write_json
     from maskconver_deploy.pipeline import overlay
 
@@ -177,16 +189,18 @@ def predict(
         raise UserError("exists and is not a folder", out)
     formats = tuple(parse_formats(output_format))
     runner = _open_runner(checkpoint, preset, model_dir, backend, threads)
-    _check_images(images, out, force, formats)
     meta = runner.meta
+    _check_images(images, out, force, formats, tuple(meta.input_size))
     categories = list(meta.categories)
     colors = [c.color for c in categories]
     summary = []
     instances: list[dict[str, Any]] = []
     with runner:
         for path in images:
-            image = load_image(path)
+            image, shown = load_image_fitted(path, tuple(meta.input_size))
             answer = runner.predict(image)
+            small = answer.panoptic  # at the decoded size (smaller than the file's only for large images)
+            answer = _at_size(answer, shown)
             paths = output_paths(out, path)
             segments = segments_info(answer, categories, meta.label_divisor)
             row: dict[str, Any] = {"image": str(path), "segments": len(segments)}
@@ -211,7 +225,7 @@ def predict(
                 "backend": runner.name, "preset": meta.preset, "input_size": list(meta.input_size),
                 "segments_info": segments,
             }, force=force)  # fmt: skip
-            _save_png(paths["overlay"], overlay(image, answer.panoptic, colors), force=force)
+            _save_png(paths["overlay"], overlay(image, small, colors), force=force)  # at the decoded size
     extra: dict[str, Any] = {}
     if "coco-instances" in formats:
         extra["instances_json"] = str(write_json(out / INSTANCES_JSON, instances, force=force))
