@@ -53,19 +53,9 @@ def output_paths(out: Path, image: Path) -> dict[str, Path]:
 
 def segments_info(answer: Any, categories: list[Any], label_divisor: int = LABEL_DIVISOR) -> list[dict[str, Any]]:
     """COCO-panoptic segments of a PanopticOutput, with the model's category ids, names and scores."""
-    from maskconver_deploy.data.coco_panoptic import segment_stats
+    from maskconver_deploy.api import segments_of
 
-    isthing = [c.isthing for c in categories]
-    scores = {seg.id: seg.score for seg in answer.segments(isthing)}
-    out = []
-    for seg_id, (area, bbox) in segment_stats(answer.panoptic).items():
-        category = categories[seg_id // label_divisor - 1]
-        out.append({
-            "id": int(seg_id), "category_id": int(category.id), "category_name": category.name,
-            "isthing": int(category.isthing), "iscrowd": 0, "area": int(area), "bbox": [int(v) for v in bbox],
-            "score": round(float(scores.get(seg_id, 0.0)), 6),
-        })  # fmt: skip
-    return out
+    return segments_of(answer, categories, label_divisor)
 
 
 def _at_size(answer: Any, shape: tuple[int, int]) -> Any:
