@@ -27,11 +27,15 @@ from maskconver_deploy.data.coco_panoptic import (
 )
 from maskconver_deploy.data.records import DatasetMeta, PanopticRecord, SegmentInfo
 from maskconver_deploy.errors import UserError
+from maskconver_deploy.fileio import refuse_overwrite, write_json
 from maskconver_deploy.metrics.miou import MIoUAccumulator
 from maskconver_deploy.metrics.pq import PQAccumulator
 from maskconver_deploy.types import VOID_ID, PanopticOutput
 
-__all__ = ["evaluate_folders", "evaluate_runner", "category_map", "check_categories", "summary_rows"]
+__all__ = ["evaluate_folders", "evaluate_runner", "category_map", "check_categories", "summary_rows", "mask_ap_rows"]
+
+INSTANCES_JSON = "instances.json"  # --save-predictions: the thing segments as COCO instance results
+INSTANCES_GT_JSON = "instances_gt.json"  # and the ground truth's thing segments as a COCO instances data set
 
 T = TypeVar("T")
 Progress = Callable[[Iterable[T], str, int], Iterator[T]]
@@ -128,9 +132,11 @@ def evaluate_runner(
 ) -> dict[str, Any]:
     """Predict every record (the first `limit`) with `runner` and score it in one streaming pass.
 
-    `pred_dir`, when given, receives the predictions as a COCO-panoptic folder (`PredictionWriter`).
-    Returns {"pq", "miou", "n_images", "backend", "timing": {total_s, per_image_s, latency_ms: {mean,
-    median, p90}}}; latencies are the backend calls only (`runner.last_latency_s`).
+    `pred_dir`, when given, receives the predictions as a COCO-panoptic folder (`PredictionWriter`), and their
+    thing segments as COCO instance results (`instances.json`) beside the converted ground truth
+    (`instances_gt.json`). Returns {"pq", "miou", "mask_ap", "n_images", "backend", "timing": {total_s,
+    per_image_s, latency_ms: {mean, median, p90}}}; latencies are the backend calls only (`runner.last_latency_s`).
+    `mask_ap` is COCO mask AP / AP50 / AP75 of the thing classes (metrics.coco_instances) from the same pass.
     """
     model_meta = getattr(runner, "meta", None)
     if model_meta is not None and getattr(model_meta, "categories", None) is not None:
@@ -138,9 +144,15 @@ def evaluate_runner(
     chosen = list(records[: limit if limit else None])
     if not chosen:
         raise UserError("no images to evaluate")
+    from maskconver_deploy.metrics.coco_instances import InstanceEval
+
+    if pred_dir is not None:
+        for name in (INSTANCES_JSON, INSTANCES_GT_JSON):
+            refuse_overwrite(Path(pred_dir) / name, force)
     writer = PredictionWriter(pred_dir, meta, force=force) if pred_dir is not None else None
     pq = PQAccumulator(meta.categories)
     miou = MIoUAccumulator(meta.num_classes)
+    instances = InstanceEval(meta.categories, meta.label_divisor)
     latencies: list[float] = []
     start = time.perf_counter()
     for record in (progress or _plain)(chosen, "evaluate", len(chosen)):
@@ -158,9 +170,14 @@ def evaluate_runner(
             pred_ids, pred_segments = panoptic_to_coco(out, meta)
         pq.add(gt_ids, record.segments, pred_ids, pred_segments, image=str(record.image_path))
         miou.add(category_map(gt_ids, record.segments, meta), out.category_map())
+        instances.add_gt(record.image_id, gt_ids, record.segments)
+        instances.add_pred(record.image_id, out.panoptic, out.scores)
+    mask_ap = instances.result()
     seconds = time.perf_counter() - start
     if writer is not None:
         writer.close()
+        write_json(writer.out_dir / INSTANCES_JSON, instances.results_json(), force=force)
+        write_json(writer.out_dir / INSTANCES_GT_JSON, instances.gt_json(), force=force)
     lat = np.asarray(latencies, dtype=np.float64) * 1000.0
     timing: dict[str, Any] = {"total_s": seconds, "per_image_s": seconds / len(chosen)}
     if lat.size:
@@ -172,13 +189,16 @@ def evaluate_runner(
     result: dict[str, Any] = {
         "pq": pq.result(),
         "miou": miou.result(),
+        "mask_ap": mask_ap,
         "n_images": len(chosen),
         "backend": str(getattr(runner, "name", "")),
         "categories": meta.to_dicts(),
         "timing": timing,
     }
     if writer is not None:
-        result["predictions"] = {"json": str(writer.json_path), "png_dir": str(writer.png_dir)}
+        result["predictions"] = {"json": str(writer.json_path), "png_dir": str(writer.png_dir),
+                                 "instances_json": str(writer.out_dir / INSTANCES_JSON),
+                                 "instances_gt_json": str(writer.out_dir / INSTANCES_GT_JSON)}
     return result
 
 
@@ -189,3 +209,12 @@ def summary_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
         g = result["pq"][group]
         rows.append({"group": group, "PQ": g["pq"], "SQ": g["sq"], "RQ": g["rq"], "n": g["n"]})
     return rows
+
+
+def mask_ap_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """Table row of the thing classes' COCO mask AP of an evaluation result (empty when it has none)."""
+    ap = result.get("mask_ap")
+    if not ap:
+        return []
+    return [{"group": "things", "AP": ap["ap"], "AP50": ap["ap50"], "AP75": ap["ap75"], "instances": ap["n_gt"],
+             "detections": ap["n_results"]}]  # fmt: skip

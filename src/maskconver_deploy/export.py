@@ -6,7 +6,8 @@ shapes, uint8 image [1, H, W, 3] in, the outputs of `types.OUTPUT_NAMES` out, th
    dynamo exporter: it cannot emit opset 17 (only 18+), and 17 is the opset onnx2tf 1.29 and TensorRT 10 were
    checked with; the TorchScript exporter names nodes by module scope (`/model/heatmap/predict/Conv`), which the
    int8 paths' reports and `parity --bisect` print; and its output matched PyTorch exactly (toolchain-facts.md).
-2. simplified with onnxslim (constant folding, shape-op cleanup, Gemm fusion); every node gets a unique name.
+2. simplified with onnxsim (constant folding, shape inference, BN folding, the onnx optimizer's fusions; onnxslim
+   was the previous simplifier and is kept for comparison, see README); every node gets a unique name.
 3. checked: the ONNX checker (full check, with shape inference), static shapes on every input and output, and the
    op list against what onnx2tf and TensorRT take (no NonZero / Loop / If / Unique / NMS, TopK with a constant
    K <= 3840). The op types and counts go into model.json.
@@ -65,6 +66,8 @@ TIE_ATOL = 1e-5  # scores this close are ties: TopK may order them either way
 MAP_AGREEMENT = 0.999  # panoptic / semantic pixels: a pixel on a numeric boundary (hard-sigmoid at 0) may flip
 TENSOR_RTOL = 1e-4  # raw tensors: max |ort - torch| <= TENSOR_RTOL * max(1, max |torch|)
 CHECK_IMAGES = 2
+SIMPLIFIERS = ("onnxsim", "onnxslim")
+SIMPLIFIER = "onnxsim"  # see README, Export: onnxsim against onnxslim on our graphs
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -206,10 +209,47 @@ def _export_onnx(deploy: torch.nn.Module, graph: str, size: tuple[int, int], pat
         )  # fmt: skip
 
 
-def _simplify(model: Any) -> tuple[Any, str]:
-    import onnxslim
+def _simplify(model: Any, simplifier: str | None = None) -> tuple[Any, str]:
+    """The graph simplified by `simplifier` (default SIMPLIFIER) and "name version" for the record.
 
-    return onnxslim.slim(model), f"onnxslim {metadata.version('onnxslim')}"
+    onnxsim: constant folding on ONNX Runtime, shape inference, BN folding and the onnx optimizer passes, without
+    its random-input check (verify_graph compares with PyTorch instead) and without its optional Z3 proof.
+    onnxslim: the previous default, kept for comparison (README, Export).
+    """
+    name = simplifier or SIMPLIFIER
+    if name == "onnxsim":
+        import onnxsim
+
+        simplified, ok = onnxsim.simplify(model, check_n=0, certify=False, initializers_as_constants=False)
+        if not ok:  # only the random-input check can say False, and it is off; kept as a guard
+            raise CheckFailed("onnxsim could not simplify the exported graph")
+        _constants_to_initializers(simplified)
+        return simplified, f"onnxsim {metadata.version('onnxsim')}"
+    if name == "onnxslim":
+        import onnxslim
+
+        return onnxslim.slim(model), f"onnxslim {metadata.version('onnxslim')}"
+    raise UserError(f"unknown simplifier {name!r}; use one of {', '.join(SIMPLIFIERS)}")
+
+
+def _constants_to_initializers(model: Any) -> int:
+    """Move the tensor-valued Constant nodes onnxsim leaves (thresholds, resize scales, the merge's index tables)
+    into initializers, where onnxslim put them and where the TFLite post-processing converter and TensorRT's
+    pre-flight look for constants; returns how many moved."""
+    from onnx import numpy_helper
+
+    keep, moved = [], 0
+    for node in model.graph.node:
+        value = next((a for a in node.attribute if a.name == "value"), None)
+        if node.op_type == "Constant" and node.domain in ("", "ai.onnx") and value is not None and len(node.attribute) == 1:
+            model.graph.initializer.append(numpy_helper.from_array(numpy_helper.to_array(value.t), node.output[0]))
+            moved += 1
+        else:
+            keep.append(node)
+    if moved:
+        del model.graph.node[:]
+        model.graph.node.extend(keep)
+    return moved
 
 
 def name_nodes(model: Any) -> int:
@@ -410,7 +450,7 @@ def verify_graph(path: Path, deploy: torch.nn.Module, graph: str, size: tuple[in
 
 def _versions() -> dict[str, str]:
     versions = {}
-    for package in ("torch", "onnx", "onnxruntime", "onnxslim", "maskconver-deploy"):
+    for package in ("torch", "onnx", "onnxruntime", "onnxsim", "onnxslim", "maskconver-deploy"):
         try:
             versions[package] = metadata.version(package)
         except metadata.PackageNotFoundError:

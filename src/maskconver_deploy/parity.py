@@ -189,6 +189,7 @@ class _Side:
     decision: DecisionStats | None = None
     pq: Any = None
     pq_vs_reference: Any = None
+    instances: Any = None  # the shared metrics.coco_instances.InstanceEval (run_parity sets it)
     heatmap: TensorStats = field(default_factory=lambda: TensorStats(TENSOR_ATOL, TENSOR_RTOL))
     mask_logits: TensorStats = field(default_factory=lambda: TensorStats(TENSOR_ATOL, TENSOR_RTOL))
     scores: TensorStats = field(default_factory=lambda: TensorStats(TENSOR_ATOL, TENSOR_RTOL))
@@ -288,6 +289,7 @@ def run_parity(
     from maskconver_deploy.data.coco_panoptic import load_example, panoptic_to_coco
     from maskconver_deploy.data.preprocess import letterbox
     from maskconver_deploy.evaluate import check_categories
+    from maskconver_deploy.metrics.coco_instances import InstanceEval
     from maskconver_deploy.metrics.pq import PQAccumulator
     from maskconver_deploy.modeldir import ModelDir
 
@@ -314,6 +316,9 @@ def run_parity(
         ref_raw_reason = f"the reference has no raw graph: {_first_line(exc)}"
     sides = [_open_side(name, model_dir, threads, threshold, meta.categories, log) for name in names]
     pq_reference = PQAccumulator(meta.categories)
+    instances = InstanceEval(meta.categories, meta.label_divisor)  # mask AP: ground truth converted once
+    for side in sides:
+        side.instances = instances
     size = tuple(model_meta.input_size)
     try:
         for record in progress(chosen, "parity", len(chosen)):
@@ -322,6 +327,8 @@ def run_parity(
             ref_out = ref_runner.predict(image)
             ref_ids, ref_segments = panoptic_to_coco(ref_out, meta)
             pq_reference.add(gt_ids, record.segments, ref_ids, ref_segments, image=str(record.image_path))
+            instances.add_gt(record.image_id, gt_ids, record.segments)
+            instances.add_pred(record.image_id, ref_out.panoptic, ref_out.scores, key=AP_REFERENCE_KEY)
             wanted = ref_raw is not None and any(s.raw is not None for s in sides if s.active)
             ref_tensors = ref_raw.infer(boxed) if wanted else None
             for side in sides:
@@ -339,6 +346,8 @@ def run_parity(
     results = []
     for side in sides:
         entry = _summarise(side, reference_pq, ref_raw_reason, folder, calib_hash)
+        if "metric" in entry:  # mask AP of the thing classes, same images: a report, not part of the verdict
+            entry["metric"].update(_mask_ap_delta(instances, side.name))
         if bisect:
             entry["bisect"] = _maybe_bisect(side, entry, folder, threads, size, log)
         results.append(entry)
@@ -387,6 +396,7 @@ def _compare_one(side: _Side, record: Any, image: np.ndarray, boxed: np.ndarray,
         where = str(record.image_path)
         side.pq.add(gt_ids, record.segments, cand_ids, cand_segments, image=where)
         side.pq_vs_reference.add(ref_ids, ref_segments, cand_ids, cand_segments, image=where)
+        side.instances.add_pred(record.image_id, out.panoptic, out.scores, key=side.name)
         if side.raw is not None and ref_tensors is not None:
             _compare_tensors(side, side.raw.infer(boxed), ref_tensors, threshold)
     except Exception as exc:  # noqa: BLE001 - any failure of one runtime is reported, the others go on
@@ -409,6 +419,17 @@ def _compare_tensors(side: _Side, cand: dict[str, np.ndarray], ref: dict[str, np
 def _has_segments(pq: dict[str, Any]) -> bool:
     """Did the ground truth hold any segment (TP + FN > 0 in some category)?"""
     return any(c["tp"] + c["fn"] > 0 for c in pq["per_class"].values())
+
+
+AP_REFERENCE_KEY = "\0reference"  # the reference's answers in the shared InstanceEval (no backend is named so)
+
+
+def _mask_ap_delta(instances: Any, name: str) -> dict[str, Any]:
+    """COCO mask AP (things) of candidate `name` and of the reference on the same images, and their difference."""
+    ours, ref = instances.result(name), instances.result(AP_REFERENCE_KEY)
+    delta = None if ours["ap"] is None or ref["ap"] is None else ours["ap"] - ref["ap"]
+    return {"mask_ap": ours["ap"], "mask_ap_reference": ref["ap"], "delta_mask_ap": delta,
+            "mask_ap50": ours["ap50"], "mask_ap50_reference": ref["ap50"]}  # fmt: skip
 
 
 def _groups(pq: dict[str, Any]) -> dict[str, Any]:

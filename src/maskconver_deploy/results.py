@@ -333,6 +333,9 @@ class EvalRun:
     n_images: int
     data: str = ""
     result: dict[str, Any] = field(default_factory=dict)
+    mask_ap: float | None = None  # COCO mask AP of the thing classes (percent); None in results without it
+    mask_ap50: float | None = None
+    mask_ap75: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -353,6 +356,7 @@ class EvalRun:
         miou = result.get("miou")
         if isinstance(miou, dict):
             miou = miou.get("miou")
+        ap = result.get("mask_ap") if isinstance(result.get("mask_ap"), dict) else {}
         return cls(
             backend=backend,
             size=size,
@@ -366,6 +370,9 @@ class EvalRun:
             n_images=int(result.get("n_images", groups.get("n_images", 0)) or 0),
             data=data,
             result=result,
+            mask_ap=_num(ap.get("ap")),
+            mask_ap50=_num(ap.get("ap50")),
+            mask_ap75=_num(ap.get("ap75")),
         )
 
     def save(self, path: str | Path, force: bool = False) -> Path:

@@ -53,6 +53,8 @@ def test_fp32_pass_and_int8_report_their_numbers(parity_model_dir: Path, parity_
         assert tensor["heatmap"]["max_abs_err"] < 1e-3 and tensor["heatmap"]["cosine"] > 0.99999
         assert tensor["mask_logits"]["cosine"] > 0.99999
         assert entry["decision"]["topn_match"] == 100.0
+        metric = entry["metric"]  # mask AP (things) from the same images: an exact runtime changes nothing
+        assert metric["mask_ap_reference"] is not None and metric["delta_mask_ap"] == 0.0
     for name in INT8:
         entry = found[name]
         decision = entry["decision"]

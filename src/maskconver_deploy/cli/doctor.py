@@ -7,7 +7,8 @@ from importlib import metadata
 
 from maskconver_deploy.cli.options import JsonOpt
 
-RUNTIME_PACKAGES = ("torch", "onnx", "onnxruntime", "onnxslim", "ai-edge-litert", "tensorrt", "openvino", "nncf", "numpy")
+RUNTIME_PACKAGES = ("torch", "onnx", "onnxruntime", "onnxsim", "onnxslim", "pycocotools", "ai-edge-litert", "tensorrt",
+                    "openvino", "nncf", "numpy")
 
 
 def _version(package: str) -> str | None:

@@ -1,4 +1,5 @@
-"""`maskconver eval`: panoptic quality (PQ/SQ/RQ, things/stuff) and mIoU, by the reference evaluator's rules.
+"""`maskconver eval`: panoptic quality (PQ/SQ/RQ, things/stuff) and mIoU, by the reference evaluator's rules, and
+(for a model run over a data set) COCO mask AP / AP50 / AP75 of the thing classes from the same pass.
 
 Two ways in:
 * folder vs folder: `--gt-json J --gt-dir D --pred-json PJ --pred-dir PD`;
@@ -23,24 +24,13 @@ from maskconver_deploy.cli.options import (
     SplitOpt,
     ThreadsOpt,
 )
-from maskconver_deploy.errors import UserError
 
 PathOpt = Optional[Path]
 
 
-def _folder_mode(gt_json: PathOpt, gt_dir: PathOpt, pred_json: PathOpt, pred_dir: PathOpt) -> bool:
-    given = {"--gt-json": gt_json, "--gt-dir": gt_dir, "--pred-json": pred_json, "--pred-dir": pred_dir}
-    if not any(v is not None for v in given.values()):
-        return False
-    missing = [name for name, value in given.items() if value is None]
-    if missing:
-        raise UserError(f"folder evaluation needs {', '.join(given)}; missing {', '.join(missing)}")
-    return True
-
-
 def _print(result: dict[str, Any], as_json: bool, per_class: bool) -> None:
     from maskconver_deploy.cli.console import fmt, log, print_json, print_table
-    from maskconver_deploy.evaluate import summary_rows
+    from maskconver_deploy.evaluate import mask_ap_rows, summary_rows
 
     if as_json:
         print_json(result)
@@ -49,6 +39,10 @@ def _print(result: dict[str, Any], as_json: bool, per_class: bool) -> None:
     if result.get("backend"):
         title += f" ({result['backend']})"
     print_table(summary_rows(result), columns=["group", "PQ", "SQ", "RQ", "n"], title=title)
+    ap_rows = mask_ap_rows(result)
+    if ap_rows:
+        print_table(ap_rows, columns=["group", "AP", "AP50", "AP75", "instances", "detections"],
+                    title="COCO mask AP (thing classes, pycocotools COCOeval segm)")  # fmt: skip
     if per_class:
         names = {c["id"]: c["name"] for c in result.get("categories", [])}
         rows = [
@@ -91,7 +85,8 @@ def eval_cmd(
         PathOpt,
         typer.Option(
             "--save-predictions",
-            help="Also write the model's answers as a COCO-panoptic folder (panoptic.json + panoptic/).",
+            help="Also write the model's answers as a COCO-panoptic folder (panoptic.json + panoptic/), their thing "
+            "segments as COCO instance results (instances.json) and the ground truth's (instances_gt.json).",
         ),
     ] = None,
     per_class: Annotated[bool, typer.Option("--per-class", help="Also print the per-category table.")] = False,
@@ -100,56 +95,11 @@ def eval_cmd(
     force: ForceOpt = False,
 ) -> None:
     """Evaluate panoptic predictions (a folder, or a model run over a data set) against COCO-panoptic ground truth."""
+    from maskconver_deploy import api
     from maskconver_deploy.cli.console import progress
-    from maskconver_deploy.fileio import refuse_overwrite, write_json
 
-    if json_out is not None:
-        refuse_overwrite(json_out, force)
-    model_given = checkpoint is not None or model_dir is not None
-    if _folder_mode(gt_json, gt_dir, pred_json, pred_dir):
-        if model_given or data is not None:
-            raise UserError(
-                "use either the folder options (--gt-json ...) or a model (--checkpoint/--model-dir with --data), not both"
-            )
-        from maskconver_deploy.evaluate import evaluate_folders
-
-        assert gt_json and gt_dir and pred_json and pred_dir  # checked by _folder_mode
-        result = evaluate_folders(gt_json, gt_dir, pred_json, pred_dir, limit=n, progress=progress)
-    else:
-        if checkpoint is not None and model_dir is not None:
-            raise UserError("give --checkpoint or --model-dir, not both")
-        if not model_given:
-            raise UserError(
-                "nothing to evaluate: give --gt-json/--gt-dir/--pred-json/--pred-dir, "
-                "or --checkpoint or --model-dir with --data"
-            )
-        if data is None:
-            raise UserError("--data is required to evaluate a model")
-        if checkpoint is not None and not checkpoint.is_file():
-            raise UserError("no such checkpoint", checkpoint)
-        if model_dir is not None and not model_dir.is_dir():
-            raise UserError("no such model folder", model_dir)
-        name = backend or ("torch" if checkpoint is not None else "ort")
-        if checkpoint is not None and not name.startswith("torch"):
-            raise UserError(
-                f"--checkpoint runs the PyTorch reference (backend torch or torch-cuda), not '{name}'; "
-                "use --model-dir for other backends"
-            )
-        from maskconver_deploy.backends import open_runner
-        from maskconver_deploy.data.coco_panoptic import load_split
-        from maskconver_deploy.evaluate import evaluate_runner
-
-        meta, records = load_split(data, split)
-        runner = open_runner(name, model_dir=model_dir, checkpoint=checkpoint, threads=threads)
-        with runner:
-            result = evaluate_runner(
-                runner, records, meta, limit=n, pred_dir=save_predictions, force=force, progress=progress
-            )
-        result["data"] = {"dir": str(data), "split": split}
-        if checkpoint is not None:
-            result["checkpoint"] = str(checkpoint)
-        if model_dir is not None:
-            result["model_dir"] = str(model_dir)
-    if json_out is not None:
-        write_json(json_out, result, force=force)
+    result = api.evaluate(checkpoint=checkpoint, model_dir=model_dir, backend=backend, data=data, split=split, n=n,
+                          threads=threads, save_predictions=save_predictions, gt_json=gt_json, gt_dir=gt_dir,
+                          pred_json=pred_json, pred_dir=pred_dir, json_out=json_out, force=force,
+                          progress=progress)  # fmt: skip
     _print(result, as_json, per_class)

@@ -19,7 +19,7 @@ SYNTHETIC_SEED = 1  # the shipped model trains on seed-0 scenes: compare on scen
 SYNTHETIC_IMAGES = 50
 
 COLUMNS = ["backend", "precision", "pixel agr %", "category agr %", "top-N match %", "heatmap max abs err",
-           "PQ ref", "PQ cand", "ΔPQ", "verdict", "reason"]  # fmt: skip
+           "PQ ref", "PQ cand", "ΔPQ", "ΔAP", "verdict", "reason"]  # fmt: skip
 
 
 def candidate_names(text: str, reference: str) -> tuple[list[str], bool]:
@@ -53,6 +53,7 @@ def table_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
             "top-N match %": decision.get("topn_match"),
             "heatmap max abs err": f"{heatmap:.2e}" if heatmap is not None else "-",
             "PQ ref": metric.get("pq_reference"), "PQ cand": metric.get("pq"), "ΔPQ": metric.get("delta_pq"),
+            "ΔAP": metric.get("delta_mask_ap"),
             "verdict": c["verdict"], "reason": _short(c.get("reason", "")) + (f" ({c['hint']})" if c.get("hint") else ""),
         })  # fmt: skip
     return rows

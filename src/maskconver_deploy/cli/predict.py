@@ -7,6 +7,10 @@ Per image STEM.EXT, in --out:
     STEM.json          its segments: id, category_id (the model's data set ids), category name, isthing, iscrowd,
                        area, bbox [x, y, w, h], score, plus the image size, backend and preset
     STEM.overlay.png   the image with each segment tinted in its class colour, boundaries white, VOID dimmed
+With `--format coco-instances` (alone or in a comma list with `panoptic`, the default), the thing segments of
+every image also go into one COCO instance results file, `instances.json` in --out: a list of {image_id,
+category_id, segmentation (RLE), score}, what `pycocotools.coco.COCO.loadRes` reads. The image id is the file's
+stem as an integer when it is all digits (COCO's `000000142238.jpg` -> 142238), else the stem.
 The image goes through the toolkit's one input policy (data/preprocess.py: EXIF rotation, grayscale, alpha,
 16-bit converted; aspect-preserving letterbox into the network size; the answer mapped back to the image's size).
 """
@@ -24,6 +28,22 @@ from maskconver_deploy.errors import UserError
 from maskconver_deploy.types import LABEL_DIVISOR
 
 OVERLAY_SUFFIX = ".overlay.png"
+INSTANCES_JSON = "instances.json"
+FORMATS = ("panoptic", "coco-instances")
+
+
+def parse_formats(text: str) -> list[str]:
+    """'panoptic,coco-instances' -> the formats asked for (UserError on an unknown one)."""
+    names = [part.strip().lower() for part in text.split(",") if part.strip()]
+    unknown = [n for n in names if n not in FORMATS]
+    if unknown or not names:
+        raise UserError(f"unknown --format {(unknown or [text])[0]!r}; use {', '.join(FORMATS)} (a comma list)")
+    return [f for f in FORMATS if f in names]
+
+
+def image_id_of(path: Path) -> int | str:
+    """COCO image id of an image file: its stem as an integer when all digits, else the stem."""
+    return int(path.stem) if path.stem.isdigit() else path.stem
 
 
 def output_paths(out: Path, image: Path) -> dict[str, Path]:
@@ -33,19 +53,20 @@ def output_paths(out: Path, image: Path) -> dict[str, Path]:
 
 def segments_info(answer: Any, categories: list[Any], label_divisor: int = LABEL_DIVISOR) -> list[dict[str, Any]]:
     """COCO-panoptic segments of a PanopticOutput, with the model's category ids, names and scores."""
-    from maskconver_deploy.data.coco_panoptic import segment_stats
+    from maskconver_deploy.api import segments_of
 
-    isthing = [c.isthing for c in categories]
-    scores = {seg.id: seg.score for seg in answer.segments(isthing)}
-    out = []
-    for seg_id, (area, bbox) in segment_stats(answer.panoptic).items():
-        category = categories[seg_id // label_divisor - 1]
-        out.append({
-            "id": int(seg_id), "category_id": int(category.id), "category_name": category.name,
-            "isthing": int(category.isthing), "iscrowd": 0, "area": int(area), "bbox": [int(v) for v in bbox],
-            "score": round(float(scores.get(seg_id, 0.0)), 6),
-        })  # fmt: skip
-    return out
+    return segments_of(answer, categories, label_divisor)
+
+
+def _at_size(answer: Any, shape: tuple[int, int]) -> Any:
+    """The answer with its panoptic map resized (nearest) to `shape`, the file's displayed size."""
+    import dataclasses
+
+    from maskconver_deploy.data.preprocess import resize_nearest
+
+    if tuple(answer.panoptic.shape) == tuple(shape):
+        return answer
+    return dataclasses.replace(answer, panoptic=resize_nearest(answer.panoptic, shape))
 
 
 def _save_png(path: Path, array: np.ndarray, force: bool) -> None:
@@ -57,21 +78,25 @@ def _save_png(path: Path, array: np.ndarray, force: bool) -> None:
         Image.fromarray(array).save(tmp, format="PNG")
 
 
-def _check_images(images: list[Path], out: Path, force: bool) -> None:
+def _check_images(images: list[Path], out: Path, force: bool, formats: tuple[str, ...] = ("panoptic",),
+                  size: tuple[int, int] = (256, 256)) -> None:  # fmt: skip
     """Every image readable, no two with the same stem, no output overwritten without --force, before any work."""
-    from maskconver_deploy.data.preprocess import load_image
+    from maskconver_deploy.data.preprocess import load_image_fitted
     from maskconver_deploy.fileio import refuse_overwrite
 
     if not images:
         raise UserError("give at least one image file")
     seen: dict[str, Path] = {}
     for path in images:
-        load_image(path)  # one line naming the file when it is missing, not an image, or truncated
+        load_image_fitted(path, size)  # one line naming the file for every way it can fail to open or decode
         if path.stem in seen:
             raise UserError(f"has the same name as {seen[path.stem]}: their outputs would collide in {out}", path)
         seen[path.stem] = path
-        for target in output_paths(out, path).values():
-            refuse_overwrite(target, force)
+        if "panoptic" in formats:
+            for target in output_paths(out, path).values():
+                refuse_overwrite(target, force)
+    if "coco-instances" in formats:
+        refuse_overwrite(out / INSTANCES_JSON, force)
 
 
 def _open_runner(checkpoint: Path | None, preset: str | None, model_dir: Path | None, backend: str | None,
@@ -117,6 +142,11 @@ PredictBackendOpt = Annotated[
     typer.Option("--backend", "-b", help="Backend to run --model-dir with (default ort): torch, ort, ort-mobile, "
                  "ort-int8-dynamic, ort-int8-static, tflite[-fp16|-int8-dynamic|-int8], tensorrt[-fp16|-int8]."),
 ]  # fmt: skip
+FormatOpt = Annotated[
+    str,
+    typer.Option("--format", "-f", help="What to write: panoptic (STEM.png, STEM.json, STEM.overlay.png per image), "
+                 "coco-instances (instances.json: thing segments as COCO instance results), or both, comma-separated."),
+]  # fmt: skip
 OutOpt = Annotated[
     Optional[Path],
     typer.Option("--out", "-o", help="Output folder (created): STEM.png, STEM.json, STEM.overlay.png per image."),
@@ -131,6 +161,7 @@ def predict(
     backend: PredictBackendOpt = None,
     out: OutOpt = None,
     threads: ThreadsOpt = None,
+    output_format: FormatOpt = "panoptic",
     force: ForceOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
@@ -138,7 +169,7 @@ def predict(
     writes a COCO-panoptic PNG, its segments as JSON and an overlay PNG per image."""
     from maskconver_deploy.cli.console import print_json, print_table
     from maskconver_deploy.data.coco_panoptic import write_id_map
-    from maskconver_deploy.data.preprocess import load_image
+    from maskconver_deploy.data.preprocess import load_image_fitted
     from maskconver_deploy.fileio import write_json
     from maskconver_deploy.pipeline import overlay
 
@@ -146,35 +177,52 @@ def predict(
         raise UserError("--out is required (the folder that receives the PNG, JSON and overlay files)")
     if out.exists() and not out.is_dir():
         raise UserError("exists and is not a folder", out)
+    formats = tuple(parse_formats(output_format))
     runner = _open_runner(checkpoint, preset, model_dir, backend, threads)
-    _check_images(images, out, force)
     meta = runner.meta
+    _check_images(images, out, force, formats, tuple(meta.input_size))
     categories = list(meta.categories)
     colors = [c.color for c in categories]
     summary = []
+    instances: list[dict[str, Any]] = []
     with runner:
         for path in images:
-            image = load_image(path)
+            image, shown = load_image_fitted(path, tuple(meta.input_size))
             answer = runner.predict(image)
+            small = answer.panoptic  # at the decoded size (smaller than the file's only for large images)
+            answer = _at_size(answer, shown)
             paths = output_paths(out, path)
             segments = segments_info(answer, categories, meta.label_divisor)
-            write_id_map(paths["panoptic"], answer.panoptic, force=force)
+            row: dict[str, Any] = {"image": str(path), "segments": len(segments)}
+            if "coco-instances" in formats:
+                from maskconver_deploy.metrics.coco_instances import result_instances
+
+                found = result_instances(answer.panoptic, answer.scores, [c.id for c in categories],
+                                         [c.isthing for c in categories], image_id_of(path), meta.label_divisor)
+                instances.extend(found)
+                row["instances"] = len(found)
             height, width = (int(v) for v in answer.panoptic.shape)
+            names = sorted({s["category_name"] for s in segments})
+            row.update({"size": f"{width}x{height}", "categories": ", ".join(names) or "-",
+                        "latency_ms": runner.last_latency_s * 1000.0, "files": {}})  # fmt: skip
+            summary.append(row)
+            if "panoptic" not in formats:
+                continue
+            row["files"] = {k: str(v) for k, v in paths.items()}
+            write_id_map(paths["panoptic"], answer.panoptic, force=force)
             write_json(paths["segments"], {
                 "image": str(path), "file_name": paths["panoptic"].name, "height": height, "width": width,
                 "backend": runner.name, "preset": meta.preset, "input_size": list(meta.input_size),
                 "segments_info": segments,
             }, force=force)  # fmt: skip
-            _save_png(paths["overlay"], overlay(image, answer.panoptic, colors), force=force)
-            names = sorted({s["category_name"] for s in segments})
-            summary.append({
-                "image": str(path), "size": f"{width}x{height}", "segments": len(segments),
-                "categories": ", ".join(names) or "-", "latency_ms": runner.last_latency_s * 1000.0,
-                "files": {k: str(v) for k, v in paths.items()},
-            })  # fmt: skip
+            _save_png(paths["overlay"], overlay(image, small, colors), force=force)  # at the decoded size
+    extra: dict[str, Any] = {}
+    if "coco-instances" in formats:
+        extra["instances_json"] = str(write_json(out / INSTANCES_JSON, instances, force=force))
     if as_json:
-        print_json({"backend": runner.name, "preset": meta.preset, "out": str(out), "images": summary})
+        print_json({"backend": runner.name, "preset": meta.preset, "out": str(out), "images": summary, **extra})
         return
-    rows = [{**row, "output": Path(row["files"]["panoptic"]).name} for row in summary]
+    fallback = INSTANCES_JSON
+    rows = [{**row, "output": Path(row["files"]["panoptic"]).name if row["files"] else fallback} for row in summary]
     print_table(rows, columns=["image", "size", "segments", "categories", "latency_ms", "output"],
                 title=f"{runner.name} ({meta.preset}) -> {out}")  # fmt: skip

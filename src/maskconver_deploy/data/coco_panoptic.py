@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
+import warnings
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -81,7 +82,10 @@ def read_id_map(png_path: str | Path) -> np.ndarray:
     if not path.is_file():
         raise UserError("no such segment PNG", path)
     try:
-        with Image.open(path) as img:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # as load_image: large is legitimate
+            img = Image.open(path)
+        with img:
             img.load()
             mode = img.mode
             if mode in ("L", "I", "I;16", "I;16L", "I;16B"):
@@ -91,8 +95,10 @@ def read_id_map(png_path: str | Path) -> np.ndarray:
             array = np.asarray(img, dtype=np.uint8)
     except UnidentifiedImageError:
         raise UserError("not a PNG image", path) from None
-    except (OSError, SyntaxError, ValueError) as exc:
-        raise UserError(f"cannot decode segment PNG ({exc})", path) from None
+    except Image.DecompressionBombError:
+        raise UserError("is too large to decode (PIL's decompression-bomb limit)", path) from None
+    except Exception as exc:  # noqa: BLE001 - truncated or corrupt data: any decoder error is the file's
+        raise UserError(f"cannot decode segment PNG ({type(exc).__name__}: {exc})", path) from None
     return rgb2id(array[..., :3])
 
 
