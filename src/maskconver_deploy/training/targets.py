@@ -81,16 +81,23 @@ def stuff_rule(reference_size: tuple[int, int]) -> tuple[int, int]:
 
 
 def gaussian_radius(height: float, width: float, min_iou: float = MIN_IOU) -> float:
-    """CenterNet's radius: the smallest of the three roots, each divided by 2 (the original quirk)."""
+    """CenterNet's radius: the smallest of the three roots, each divided by 2 (the original quirk).
+
+    Each root is (b + sqrt(b^2 - 4 a c)) / 2 of CenterNet's quadratics a r^2 + b r + c = 0 as written there:
+    (a, b, c) = (1, -(h+w), ...) with the sign folded in, i.e. r1 = (b1 + sq1) / 2, r2 = (b2 + sq2) / 2 with
+    b1 = h + w, b2 = 2 (h + w), and r3 = (b3 + sq3) / 2 with b3 = -2 iou (h + w): the third root's linear
+    term is negative, which makes it the small one (about a cell for a few-cell box).
+    """
     b1 = height + width
     c1 = width * height * (1 - min_iou) / (1 + min_iou)
     r1 = (b1 + math.sqrt(max(b1 * b1 - 4 * c1, 0.0))) / 2
     b2 = 2 * (height + width)
     c2 = (1 - min_iou) * width * height
     r2 = (b2 + math.sqrt(max(b2 * b2 - 16 * c2, 0.0))) / 2
+    a3 = 4 * min_iou
     b3 = -2 * min_iou * (height + width)
     c3 = (min_iou - 1) * width * height
-    r3 = (-b3 + math.sqrt(max(b3 * b3 - 16 * min_iou * c3, 0.0))) / 2
+    r3 = (b3 + math.sqrt(max(b3 * b3 - 4 * a3 * c3, 0.0))) / 2
     return min(r1, r2, r3)
 
 
