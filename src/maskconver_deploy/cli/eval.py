@@ -95,6 +95,14 @@ def eval_cmd(
         ),
     ] = None,
     per_class: Annotated[bool, typer.Option("--per-class", help="Also print the per-category table.")] = False,
+    oracle_centers: Annotated[
+        bool,
+        typer.Option(
+            "--oracle-centers",
+            help="Diagnosis (--checkpoint only): also decode masks at the ground-truth centers and classes, and "
+            "report PQ both ways plus center recall / precision (things and stuff).",
+        ),
+    ] = False,
     json_out: JsonOutOpt = None,
     as_json: JsonOpt = False,
     force: ForceOpt = False,
@@ -125,6 +133,8 @@ def eval_cmd(
             )
         if data is None:
             raise UserError("--data is required to evaluate a model")
+        if oracle_centers and (checkpoint is None or (backend or "torch") != "torch" or save_predictions is not None):
+            raise UserError("--oracle-centers needs --checkpoint (backend torch) and no --save-predictions")
         if checkpoint is not None and not checkpoint.is_file():
             raise UserError("no such checkpoint", checkpoint)
         if model_dir is not None and not model_dir.is_dir():
@@ -135,16 +145,22 @@ def eval_cmd(
                 f"--checkpoint runs the PyTorch reference (backend torch or torch-cuda), not '{name}'; "
                 "use --model-dir for other backends"
             )
-        from maskconver_deploy.backends import open_runner
-        from maskconver_deploy.data.coco_panoptic import load_split
-        from maskconver_deploy.evaluate import evaluate_runner
+        if oracle_centers:
+            from maskconver_deploy.training.diagnose import diagnose_checkpoint
 
-        meta, records = load_split(data, split)
-        runner = open_runner(name, model_dir=model_dir, checkpoint=checkpoint, threads=threads)
-        with runner:
-            result = evaluate_runner(
-                runner, records, meta, limit=n, pred_dir=save_predictions, force=force, progress=progress
-            )
+            assert checkpoint is not None
+            result = diagnose_checkpoint(checkpoint, data, split, limit=n, threads=threads, progress=progress)
+        else:
+            from maskconver_deploy.backends import open_runner
+            from maskconver_deploy.data.coco_panoptic import load_split
+            from maskconver_deploy.evaluate import evaluate_runner
+
+            meta, records = load_split(data, split)
+            runner = open_runner(name, model_dir=model_dir, checkpoint=checkpoint, threads=threads)
+            with runner:
+                result = evaluate_runner(
+                    runner, records, meta, limit=n, pred_dir=save_predictions, force=force, progress=progress
+                )
         result["data"] = {"dir": str(data), "split": split}
         if checkpoint is not None:
             result["checkpoint"] = str(checkpoint)
@@ -153,3 +169,14 @@ def eval_cmd(
     if json_out is not None:
         write_json(json_out, result, force=force)
     _print(result, as_json, per_class)
+    if oracle_centers and not as_json:
+        _print_oracle(result)
+
+
+def _print_oracle(result: dict[str, Any]) -> None:
+    """The oracle-center table: PQ with predicted vs ground-truth centers, center recall / precision."""
+    from maskconver_deploy.cli.console import print_table
+    from maskconver_deploy.training.diagnose import summary_rows
+
+    threshold = result["centers"]["score_threshold"]
+    print_table(summary_rows(result), title=f"predicted vs ground-truth centers (peaks: score >= {threshold})")
