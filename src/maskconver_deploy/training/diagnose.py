@@ -87,10 +87,12 @@ def letterbox_ids(ids: np.ndarray, box: Any) -> np.ndarray:
     return canvas
 
 
-def oracle_proposals(ids: np.ndarray, segments: Sequence[Any], spec: Any) -> tuple[torch.Tensor, ...] | None:
+def oracle_proposals(
+    ids: np.ndarray, segments: Sequence[Any], spec: Any, rule: str = "scaled"
+) -> tuple[torch.Tensor, ...] | None:
     """(scores 1.0, classes, flat positions), each [1, K], of the training-time GT slots of an id map at the
     network input size; None when the image has no center."""
-    targets = build_targets(ids, segments, spec)
+    targets = build_targets(ids, segments, spec, rule=rule)
     keep = targets["classes"] >= 0
     if not keep.any():
         return None
@@ -99,11 +101,13 @@ def oracle_proposals(ids: np.ndarray, segments: Sequence[Any], spec: Any) -> tup
     return torch.ones(classes.shape, dtype=torch.float32), classes, positions
 
 
-def gt_centers(ids: np.ndarray, segments: Sequence[Any], model: MaskConver) -> list[tuple[int, int, int, float]]:
+def gt_centers(
+    ids: np.ndarray, segments: Sequence[Any], model: MaskConver, rule: str = "scaled"
+) -> list[tuple[int, int, int, float]]:
     """(class, peak y, peak x, radius in cells) of every GT center by the training rule (before the slot clip)."""
     spec = model.spec
     stride = spec.feature_stride
-    kernel, min_area = stuff_rule(spec.input_size)
+    kernel, min_area = stuff_rule(spec.input_size, rule)
     centers = thing_centers(ids, segments)
     for class_index, mask in sorted(stuff_class_masks(ids, segments).items()):
         centers.extend(stuff_centers(mask, class_index, spec.stuff_centers, spec.max_stuff_islands, kernel, min_area))
@@ -140,8 +144,11 @@ def diagnose(
     limit: int | None = None,
     score_threshold: float = DEFAULT_SCORE_THRESHOLD,
     progress: Any = None,
+    rule: str = "scaled",
 ) -> dict[str, Any]:
-    """PQ with predicted and with oracle centers, and center recall / precision, over the first `limit` records."""
+    """PQ with predicted and with oracle centers, and center recall / precision, over the first `limit` records.
+
+    rule: the stuff-island rule the model was trained with (`targets.stuff_rule`)."""
     from maskconver_deploy.data.coco_panoptic import load_example, panoptic_to_coco
     from maskconver_deploy.data.preprocess import letterbox, unletterbox
     from maskconver_deploy.errors import UserError
@@ -166,7 +173,7 @@ def diagnose(
         boxed, box = letterbox(image, spec.input_size)
         segments = segments_of(record, meta)
         ids_in = letterbox_ids(gt_ids, box)
-        oracle = oracle_proposals(ids_in, segments, spec)
+        oracle = oracle_proposals(ids_in, segments, spec, rule)
         with torch.inference_mode():
             outputs = model(model.normalize(torch.from_numpy(np.ascontiguousarray(boxed))[None]))
             heat = torch.sigmoid(outputs["heatmap"].float())
@@ -192,7 +199,7 @@ def diagnose(
             for s, c, p in zip(scores[0].tolist(), classes[0].tolist(), positions[0].tolist())
             if s >= score_threshold
         ]
-        gts = gt_centers(ids_in, segments, model)
+        gts = gt_centers(ids_in, segments, model, rule)
         found = match_centers(peaks, gts)
         for (cls, *_), ok in zip(gts, found):
             per_class[cls].gt += 1
@@ -231,10 +238,12 @@ def diagnose_checkpoint(checkpoint: Path, data: Path, split: str = "val", limit:
 
     if threads is not None:
         torch.set_num_threads(int(threads))
-    model, categories, _ = load_checkpoint(checkpoint)
+    model, categories, provenance = load_checkpoint(checkpoint)
     meta, records = load_split(data, split)
     check_categories(categories, meta)
-    result = diagnose(model, records, meta, limit=limit, score_threshold=score_threshold, progress=progress)
+    rule = str(provenance.get("stuff_rule", "scaled"))  # the rule the checkpoint was trained with
+    result = diagnose(model, records, meta, limit=limit, score_threshold=score_threshold, progress=progress, rule=rule)
+    result["stuff_rule"] = rule
     result["backend"] = "torch (oracle centers)"
     return result
 
