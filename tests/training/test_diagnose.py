@@ -98,6 +98,10 @@ def test_cli_oracle_centers_reports_both_ways(tiny: tuple[Path, Path], tmp_path:
     assert centers["things"]["gt"] > 0 and centers["stuff"]["gt"] > 0
     assert centers["all"]["gt"] == centers["things"]["gt"] + centers["stuff"]["gt"]
     assert 0 <= centers["things"]["matched"] <= min(centers["things"]["gt"], centers["things"]["pred"])
+    assert centers["score_threshold"] == 0.3 and set(centers["by_threshold"]) == {"0.1", "0.3", "0.5"}
+    assert centers["by_threshold"]["0.3"]["things"] == centers["things"]
+    low, high = centers["by_threshold"]["0.1"]["all"], centers["by_threshold"]["0.5"]["all"]
+    assert low["pred"] >= high["pred"] and low["matched"] >= high["matched"]
 
 
 def test_cli_oracle_centers_needs_a_checkpoint(tiny: tuple[Path, Path], tmp_path: Path):

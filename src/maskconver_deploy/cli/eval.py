@@ -176,7 +176,8 @@ def eval_cmd(
 def _print_oracle(result: dict[str, Any]) -> None:
     """The oracle-center table: PQ with predicted vs ground-truth centers, center recall / precision."""
     from maskconver_deploy.cli.console import print_table
-    from maskconver_deploy.training.diagnose import summary_rows
+    from maskconver_deploy.training.diagnose import summary_rows, threshold_rows
 
     threshold = result["centers"]["score_threshold"]
     print_table(summary_rows(result), title=f"predicted vs ground-truth centers (peaks: score >= {threshold})")
+    print_table(threshold_rows(result), title="center recall / precision by peak score")

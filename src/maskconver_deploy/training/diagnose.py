@@ -11,7 +11,7 @@ For each image the network runs once; its outputs are decoded twice with the sam
 PQ(oracle) - PQ(predicted) is what finding the centers costs; 100 - PQ(oracle) is what the masks cost.
 
 Center recall / precision, per class and for things and stuff apart: a predicted peak (one of the top-N
-proposals with score >= `score_threshold`) finds a GT center of its class when it lies within the center's
+proposals with score >= `score_threshold`, 0.3 by default; 0.1 and 0.5 are reported too) finds a GT center of its class when it lies within the center's
 Gaussian radius on the stride grid: Chebyshev distance <= max(floor(r), 1) cells, r = CenterNet's radius of the
 stride-level box (so at least the 3x3 peak-NMS neighbourhood). Matching is one-to-one, highest score first, each
 peak taking the nearest free GT center. recall = matched GT / GT centers, precision = matched peaks / peaks.
@@ -43,7 +43,8 @@ from maskconver_deploy.training.targets import (
 )
 from maskconver_deploy.types import PanopticOutput
 
-DEFAULT_SCORE_THRESHOLD = 0.1  # CenterNet's usual detection threshold for "a peak was found"
+DEFAULT_SCORE_THRESHOLD = 0.3  # CenterNet's usual detection threshold for "a peak was found"
+THRESHOLDS = (0.1, 0.3, 0.5)  # also reported, beside the chosen one
 
 
 @dataclass
@@ -164,7 +165,8 @@ def diagnose(
     isthing = [c.isthing for c in meta.categories]
     pq = {"predicted": PQAccumulator(meta.categories), "oracle": PQAccumulator(meta.categories)}
     miou = {"predicted": MIoUAccumulator(meta.num_classes), "oracle": MIoUAccumulator(meta.num_classes)}
-    per_class = [_Counts() for _ in meta.categories]
+    thresholds = sorted({*THRESHOLDS, float(score_threshold)})
+    per_class = {t: [_Counts() for _ in meta.categories] for t in thresholds}
     width = spec.feature_size[1]
     start = time.perf_counter()
     model.eval()
@@ -194,24 +196,24 @@ def diagnose(
                 pred_ids, pred_segments = panoptic_to_coco(out, meta)
                 pq[name].add(gt_ids, record.segments, pred_ids, pred_segments, image=str(record.image_path))
                 miou[name].add(category_map(gt_ids, record.segments, meta), out.category_map())
-        peaks = [
-            (int(c), int(p) // width, int(p) % width, float(s))
-            for s, c, p in zip(scores[0].tolist(), classes[0].tolist(), positions[0].tolist())
-            if s >= score_threshold
-        ]
         gts = gt_centers(ids_in, segments, model, rule)
-        found = match_centers(peaks, gts)
-        for (cls, *_), ok in zip(gts, found):
-            per_class[cls].gt += 1
-            per_class[cls].matched += int(ok)
-        for cls, *_ in peaks:
-            per_class[cls].pred += 1
-    groups = {"all": _Counts(), "things": _Counts(), "stuff": _Counts()}
-    for cls, counts in enumerate(per_class):
-        for group in (groups["all"], groups["things" if isthing[cls] else "stuff"]):
-            group.gt += counts.gt
-            group.pred += counts.pred
-            group.matched += counts.matched
+        proposals = list(zip(scores[0].tolist(), classes[0].tolist(), positions[0].tolist()))
+        for t in thresholds:
+            peaks = [(int(c), int(p) // width, int(p) % width, float(s)) for s, c, p in proposals if s >= t]
+            for (cls, *_), ok in zip(gts, match_centers(peaks, gts)):
+                per_class[t][cls].gt += 1
+                per_class[t][cls].matched += int(ok)
+            for cls, *_ in peaks:
+                per_class[t][cls].pred += 1
+    by_threshold = {}
+    for t in thresholds:
+        groups = {"all": _Counts(), "things": _Counts(), "stuff": _Counts()}
+        for cls, counts in enumerate(per_class[t]):
+            for group in (groups["all"], groups["things" if isthing[cls] else "stuff"]):
+                group.gt += counts.gt
+                group.pred += counts.pred
+                group.matched += counts.matched
+        by_threshold[t] = {name: counts.as_dict() for name, counts in groups.items()}
     return {
         "n_images": len(chosen),
         "pq": pq["predicted"].result(),
@@ -220,8 +222,9 @@ def diagnose(
         "centers": {
             "score_threshold": score_threshold,
             "rule": "peak of the GT class within max(floor(r), 1) cells (Chebyshev) of the GT center, one-to-one",
-            **{name: counts.as_dict() for name, counts in groups.items()},
-            "per_class": {str(meta.categories[i].id): c.as_dict() for i, c in enumerate(per_class)},
+            **by_threshold[float(score_threshold)],
+            "per_class": {str(meta.categories[i].id): c.as_dict() for i, c in enumerate(per_class[float(score_threshold)])},
+            "by_threshold": {f"{t:g}": v for t, v in by_threshold.items()},
         },
         "categories": meta.to_dicts(),
         "timing": {"total_s": time.perf_counter() - start},
@@ -258,4 +261,12 @@ def summary_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
             row |= {"center recall": counts["recall"], "center precision": counts["precision"],
                     "GT centers": counts["gt"], "peaks": counts["pred"]}
         rows.append(row)
+    return rows
+
+
+def threshold_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """Table rows: center recall / precision of things and stuff at each reported peak-score threshold."""
+    rows = []
+    for t, groups in result["centers"]["by_threshold"].items():
+        rows.append({"peak score >=": t} | {f"{g} {k}": groups[g][k] for g in ("things", "stuff") for k in ("recall", "precision")})
     return rows
