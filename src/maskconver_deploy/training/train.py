@@ -692,6 +692,8 @@ def train(config: TrainConfig) -> TrainResult:
                 images = images.contiguous(memory_format=torch.channels_last)
             with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
                 outputs, mask_logits = step_module(images, batch["positions"], batch["classes"])
+            if amp_dtype is not None:  # the losses (and the logits' upsampling inside them) in fp32
+                outputs, mask_logits = {k: v.float() for k, v in outputs.items()}, mask_logits.float()
             losses = maskconver_loss(outputs, mask_logits, batch, mask_weight=MASK_WEIGHT, mask_norm=config.mask_norm)
             # a finite check is a host sync: every step on the CPU (free), at log steps on a GPU
             if device.type == "cpu" and not torch.isfinite(losses["total"]):
