@@ -29,13 +29,35 @@ def test_stuff_rule_scales_with_input_size():
     assert area == round(1024 * 256 * 256 / 640**2)
 
 
-def test_gaussian_radius_matches_centernet_roots():
-    h, w, iou = 10.0, 6.0, 0.7
-    r1 = (h + w + np.sqrt((h + w) ** 2 - 4 * w * h * (1 - iou) / (1 + iou))) / 2
-    r2 = (2 * (h + w) + np.sqrt(4 * (h + w) ** 2 - 16 * (1 - iou) * w * h)) / 2
-    r3 = (2 * iou * (h + w) + np.sqrt(4 * iou**2 * (h + w) ** 2 - 16 * iou * (iou - 1) * w * h)) / 2
-    assert gaussian_radius(h, w) == pytest.approx(min(r1, r2, r3))
-    assert gaussian_sigma(h, w) == pytest.approx((2 * np.floor(min(r1, r2, r3)) + 1) / 6)
+# CenterNet's three roots for min IoU 0.7, worked by hand on stride-8 boxes (h, w), each root divided by 2:
+#   r1 = (b1 + sqrt(b1^2 - 4 c1)) / 2,        b1 = h + w,             c1 = w h 0.3 / 1.7
+#   r2 = (b2 + sqrt(b2^2 - 16 c2)) / 2,       b2 = 2 (h + w),         c2 = 0.3 w h
+#   r3 = (b3 + sqrt(b3^2 - 4 a3 c3)) / 2,     b3 = -2 0.7 (h + w),    a3 = 2.8, c3 = -0.3 w h
+# 10 x 10: r1 = (20 + sqrt(400 - 70.588)) / 2 = 19.0749; r2 = (40 + sqrt(1600 - 480)) / 2 = 36.7332;
+#          r3 = (-28 + sqrt(784 + 336)) / 2 = (-28 + 33.4664) / 2 = 2.7332 -> floor 2, sigma 5/6
+# 4 x 2:   r1 = (6 + sqrt(36 - 5.6471)) / 2 = 5.7547; r2 = (12 + sqrt(144 - 38.4)) / 2 = 11.1381;
+#          r3 = (-8.4 + sqrt(70.56 + 26.88)) / 2 = (-8.4 + 9.8712) / 2 = 0.7356 -> floor 0, sigma 1/6
+# 3.5 x 5.25: r3 = (-12.25 + sqrt(150.0625 + 61.74)) / 2 = (-12.25 + 14.5534) / 2 = 1.1517 -> floor 1, sigma 1/2
+# (r1 = 8.3622, r2 = 16.1333 there). The smallest root is r3 in every case.
+@pytest.mark.parametrize(
+    "h, w, radius, sigma",
+    [(10.0, 10.0, 2.7332, 5 / 6), (4.0, 2.0, 0.7356, 1 / 6), (3.5, 5.25, 1.1517, 0.5)],
+)
+def test_gaussian_radius_matches_centernet_roots(h, w, radius, sigma):
+    assert gaussian_radius(h, w) == pytest.approx(radius, abs=1e-4)
+    assert gaussian_radius(w, h) == pytest.approx(radius, abs=1e-4)  # symmetric in h and w
+    assert gaussian_sigma(h, w) == pytest.approx(sigma)
+
+
+def test_touching_same_class_neighbours_keep_separate_peaks():
+    """Two 32x32 things of one class side by side (centers 4 cells apart): the target between them stays low."""
+    ids = np.zeros((H, W), np.int32)
+    ids[64:96, 64:96] = 1
+    ids[64:96, 96:128] = 2
+    t = build_targets(ids, [TargetSegment(1, 0, True), TargetSegment(2, 0, True)], SPEC)
+    (y1, x1), (y2, x2) = (_peak_yx(p) for p in t["positions"][:2])
+    assert y1 == y2 and x2 - x1 == 4
+    assert t["heatmap"][0, y1, (x1 + x2) // 2] < 0.5
 
 
 def test_thing_center_is_box_center_of_mask():

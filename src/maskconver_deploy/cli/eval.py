@@ -90,6 +90,14 @@ def eval_cmd(
         ),
     ] = None,
     per_class: Annotated[bool, typer.Option("--per-class", help="Also print the per-category table.")] = False,
+    oracle_centers: Annotated[
+        bool,
+        typer.Option(
+            "--oracle-centers",
+            help="Diagnosis (--checkpoint only): also decode masks at the ground-truth centers and classes, and "
+            "report PQ both ways plus center recall / precision (things and stuff).",
+        ),
+    ] = False,
     json_out: JsonOutOpt = None,
     as_json: JsonOpt = False,
     force: ForceOpt = False,
@@ -98,8 +106,39 @@ def eval_cmd(
     from maskconver_deploy import api
     from maskconver_deploy.cli.console import progress
 
-    result = api.evaluate(checkpoint=checkpoint, model_dir=model_dir, backend=backend, data=data, split=split, n=n,
-                          threads=threads, save_predictions=save_predictions, gt_json=gt_json, gt_dir=gt_dir,
-                          pred_json=pred_json, pred_dir=pred_dir, json_out=json_out, force=force,
-                          progress=progress)  # fmt: skip
+    if oracle_centers:
+        from maskconver_deploy.errors import UserError
+        from maskconver_deploy.fileio import refuse_overwrite, write_json
+        from maskconver_deploy.training.diagnose import diagnose_checkpoint
+
+        if checkpoint is None or model_dir is not None or (backend or "torch") != "torch" or save_predictions is not None:
+            raise UserError("--oracle-centers needs --checkpoint (backend torch) and no --save-predictions")
+        if data is None:
+            raise UserError("--data is required to evaluate a model")
+        if not checkpoint.is_file():
+            raise UserError("no such checkpoint", checkpoint)
+        if json_out is not None:
+            refuse_overwrite(json_out, force)
+        result = diagnose_checkpoint(checkpoint, data, split, limit=n, threads=threads, progress=progress)
+        result["data"] = {"dir": str(data), "split": split}
+        result["checkpoint"] = str(checkpoint)
+        if json_out is not None:
+            write_json(json_out, result, force=force)
+    else:
+        result = api.evaluate(checkpoint=checkpoint, model_dir=model_dir, backend=backend, data=data, split=split,
+                              n=n, threads=threads, save_predictions=save_predictions, gt_json=gt_json, gt_dir=gt_dir,
+                              pred_json=pred_json, pred_dir=pred_dir, json_out=json_out, force=force,
+                              progress=progress)  # fmt: skip
     _print(result, as_json, per_class)
+    if oracle_centers and not as_json:
+        _print_oracle(result)
+
+
+def _print_oracle(result: dict[str, Any]) -> None:
+    """The oracle-center table: PQ with predicted vs ground-truth centers, center recall / precision."""
+    from maskconver_deploy.cli.console import print_table
+    from maskconver_deploy.training.diagnose import summary_rows, threshold_rows
+
+    threshold = result["centers"]["score_threshold"]
+    print_table(summary_rows(result), title=f"predicted vs ground-truth centers (peaks: score >= {threshold})")
+    print_table(threshold_rows(result), title="center recall / precision by peak score")

@@ -1,6 +1,7 @@
 """`maskconver train`: train a MaskConver preset on a COCO-panoptic data folder (e.g. the synthetic shapes).
 
-Multi-process: `torchrun --nproc_per_node 2 -m maskconver_deploy train ...` (gloo, CPU); only rank 0 writes.
+Multi-process: `torchrun --standalone --nproc_per_node K -m maskconver_deploy train ...`: one process per GPU with
+NCCL on CUDA, gloo on the CPU; only rank 0 writes.
 """
 
 from __future__ import annotations
@@ -42,6 +43,13 @@ def train(
     scale_min: Annotated[float, typer.Option("--scale-min", help="Smallest random scale, relative to the preset's input size (official 0.1 for COCO).")] = 0.75,
     scale_max: Annotated[float, typer.Option("--scale-max", help="Largest random scale (official 1.9 for COCO).")] = 1.25,
     weight_decay: Annotated[float, typer.Option("--weight-decay", min=0.0, help="Weight decay on conv and linear weights.")] = 1e-5,
+    device: Annotated[Optional[str], typer.Option("--device", help="cuda or cpu (default: cuda when a GPU is visible).")] = None,
+    amp: Annotated[str, typer.Option("--amp", help="Mixed precision of the forward pass: bf16, fp16 (with a gradient scaler) or off.")] = "off",
+    channels_last: Annotated[bool, typer.Option("--channels-last/--no-channels-last", help="channels_last memory format for the network and its input.")] = True,
+    prefetch: Annotated[int, typer.Option("--prefetch", min=1, help="Batches each data worker prepares ahead.")] = 4,
+    stuff_rule: Annotated[str, typer.Option("--stuff-rule", help="Stuff-island rule: scaled (dilation kernel and minimum area scaled to the preset's input size) or official (21x21 x3 and 1024 px at every size).")] = "scaled",
+    init_scheme: Annotated[str, typer.Option("--init-scheme", help="Fresh weights: he (He-normal everywhere) or official (VarianceScaling / Glorot / truncated normal by layer).")] = "he",
+    embedding_decay: Annotated[bool, typer.Option("--embedding-decay/--no-embedding-decay", help="Weight decay on the class-embedding table too (official: on).")] = False,
 ) -> None:
     """Train MaskConver (SGD + cosine LR, focal + 5 BCE + 5 dice) and write a checkpoint, log and summary."""
     # Idle OpenMP threads sleep instead of spinning: on a shared CPU, spinning threads of a 2-thread run wait
@@ -80,9 +88,16 @@ def train(
         log_every=log_every,
         scale_range=(scale_min, scale_max),
         weight_decay=weight_decay,
+        device=device,
+        amp=amp,
+        channels_last=channels_last,
+        prefetch=prefetch,
+        stuff_rule=stuff_rule,
+        init_scheme=init_scheme,
+        embedding_decay=embedding_decay,
         command=command_line(),
     )
     result = run_training(config)
     if os.environ.get("RANK", "0") == "0":  # under torchrun only rank 0 reports
         print_json({"steps": result.steps, "seconds": round(result.seconds, 1), "final_losses": result.final_losses,
-                    "checkpoint": str(out)})
+                    "images_per_second": result.images_per_second, "checkpoint": str(out)})

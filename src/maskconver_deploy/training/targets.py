@@ -18,7 +18,8 @@ Scaling to smaller inputs: the kernel and the minimum island area are given at 6
 code. ``reference_size`` (the preset's input size, 256x256 for ``shapes-256``) sets the scene scale the
 rules are applied at: kernel = the nearest odd integer to 21 * side / 640 (9 at 256) and minimum area =
 1024 * area / 640^2 (164 px at 256x256). They are fixed per preset, not per training crop, so a crop
-sees the same rule as the full image at the same content scale.
+sees the same rule as the full image at the same content scale. ``stuff_rule="official"`` uses the official
+constants unscaled (21x21 applied 3 times, 1024 px) at every input size, as the official parser does.
 
 The heatmap is CenterNet's: stride-8 peak at (floor(yc / 8), floor(xc / 8)), radius = the smallest of
 the three ``gaussian_radius`` roots for IoU 0.7 on the stride-8 box (with the original /2 quirk),
@@ -44,6 +45,7 @@ OFFICIAL_POOL_REPEATS = 3
 OFFICIAL_MIN_ISLAND_AREA = 1024
 MIN_IOU = 0.7
 STUFF_MODES = ("islands", "global")
+STUFF_RULES = ("scaled", "official")
 
 
 @dataclass(frozen=True)
@@ -68,8 +70,13 @@ class Center:
     mask: np.ndarray  # bool [H, W]
 
 
-def stuff_rule(reference_size: tuple[int, int]) -> tuple[int, int]:
-    """(max-pool kernel, minimum island area in pixels) for a scene of `reference_size`."""
+def stuff_rule(reference_size: tuple[int, int], rule: str = "scaled") -> tuple[int, int]:
+    """(max-pool kernel, minimum island area in pixels) for a scene of `reference_size` ("scaled"), or the
+    official constants whatever the size ("official")."""
+    if rule == "official":
+        return OFFICIAL_POOL, OFFICIAL_MIN_ISLAND_AREA
+    if rule != "scaled":
+        raise ValueError(f"stuff rule must be one of {STUFF_RULES}, not {rule!r}")
     h, w = reference_size
     side = math.sqrt(h * w)
     kernel = int(round(OFFICIAL_POOL * side / OFFICIAL_SIZE))
@@ -81,16 +88,23 @@ def stuff_rule(reference_size: tuple[int, int]) -> tuple[int, int]:
 
 
 def gaussian_radius(height: float, width: float, min_iou: float = MIN_IOU) -> float:
-    """CenterNet's radius: the smallest of the three roots, each divided by 2 (the original quirk)."""
+    """CenterNet's radius: the smallest of the three roots, each divided by 2 (the original quirk).
+
+    Each root is (b + sqrt(b^2 - 4 a c)) / 2 of CenterNet's quadratics a r^2 + b r + c = 0 as written there:
+    (a, b, c) = (1, -(h+w), ...) with the sign folded in, i.e. r1 = (b1 + sq1) / 2, r2 = (b2 + sq2) / 2 with
+    b1 = h + w, b2 = 2 (h + w), and r3 = (b3 + sq3) / 2 with b3 = -2 iou (h + w): the third root's linear
+    term is negative, which makes it the small one (about a cell for a few-cell box).
+    """
     b1 = height + width
     c1 = width * height * (1 - min_iou) / (1 + min_iou)
     r1 = (b1 + math.sqrt(max(b1 * b1 - 4 * c1, 0.0))) / 2
     b2 = 2 * (height + width)
     c2 = (1 - min_iou) * width * height
     r2 = (b2 + math.sqrt(max(b2 * b2 - 16 * c2, 0.0))) / 2
+    a3 = 4 * min_iou
     b3 = -2 * min_iou * (height + width)
     c3 = (min_iou - 1) * width * height
-    r3 = (-b3 + math.sqrt(max(b3 * b3 - 16 * min_iou * c3, 0.0))) / 2
+    r3 = (b3 + math.sqrt(max(b3 * b3 - 4 * a3 * c3, 0.0))) / 2
     return min(r1, r2, r3)
 
 
@@ -207,13 +221,14 @@ def build_targets(
     stuff_mode: str | None = None,
     padding: np.ndarray | None = None,
     reference_size: tuple[int, int] | None = None,
+    rule: str = "scaled",
 ) -> dict[str, np.ndarray]:
     """All targets of one (augmented) example.
 
     ids: int [H, W] segment id map (H, W divisible by the feature stride); segments: its annotation;
     padding: bool [H, W], True where the pixel is padding added by augmentation (excluded from losses);
     stuff_mode: "islands" | "global" (default ``spec.stuff_centers``); reference_size: the scene size the
-    official 640 constants are scaled to (default ``spec.input_size``).
+    official 640 constants are scaled to (default ``spec.input_size``); rule: "scaled" or "official" (`stuff_rule`).
 
     Returns numpy arrays: heatmap float32 [C, h, w]; classes int64 [K] (-1 = padding slot); positions
     int64 [K] (flat y * w + x on the stride grid, 0 for padding); masks uint8 [K, H, W]; valid float32 [K];
@@ -229,7 +244,7 @@ def build_targets(
     mode = stuff_mode or spec.stuff_centers
     if mode not in STUFF_MODES:
         raise ValueError(f"stuff_centers must be one of {STUFF_MODES}, not {mode!r}")
-    kernel, min_area = stuff_rule(reference_size or spec.input_size)
+    kernel, min_area = stuff_rule(reference_size or spec.input_size, rule)
     feature_size = (height // stride, width // stride)
 
     centers = thing_centers(ids, segments)

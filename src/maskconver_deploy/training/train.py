@@ -1,11 +1,18 @@
 """The MaskConver training loop: data pipeline, SGD + cosine schedule, checkpoints, resume, DDP.
 
-Runs as one process, or as several under ``torchrun --nproc_per_node N`` (detected from RANK / WORLD_SIZE;
-gloo backend, CPU). Only rank 0 writes files, logs and evaluates.
+Runs as one process, or as several under ``torchrun --nproc_per_node N`` (detected from RANK / WORLD_SIZE):
+NCCL with one GPU per process (LOCAL_RANK) on CUDA, gloo on the CPU. Only rank 0 writes files, logs and evaluates.
+
+Device and precision: ``--device cuda|cpu`` (default cuda when a GPU is visible), ``--amp bf16|fp16|off``
+(autocast over the network forward; the losses are computed in fp32; fp16 adds a GradScaler, whose state is part
+of the resume state), ``channels_last`` memory format for the network and its input (on by default: 1.5-2x faster
+on the CPU, the layout tensor cores want). The data loader pins memory and copies batches asynchronously on CUDA,
+keeps its workers alive (``persistent_workers``) and runs ``--prefetch`` batches ahead per worker.
 
 Determinism: the sample stream is a pure function of (seed, global sample position): epoch-wise
 permutations of the training records and one augmentation RNG per sample. A resumed run therefore sees
-exactly the batches an uninterrupted run would have seen, whatever the number of data workers.
+exactly the batches an uninterrupted run would have seen, whatever the number of data workers or the device.
+(On the CPU the weights are bitwise reproducible; CUDA kernels may sum in a different order from run to run.)
 
 Training crop: ``--size`` (default = the preset's input size, the evaluation size). Smaller crops are 4x
 cheaper but do not transfer on their own: a model trained only on 128x128 crops of the shapes data separated
@@ -47,9 +54,12 @@ from maskconver_deploy.model.maskconver import MaskConver
 from maskconver_deploy.model.specs import MaskConverSpec, get_preset
 from maskconver_deploy.training.augment import DEFAULT_SCALE_RANGE, AugmentConfig, augment
 from maskconver_deploy.training.losses import MASK_NORMS, MASK_WEIGHT, maskconver_loss
-from maskconver_deploy.training.targets import STUFF_MODES, TargetSegment, build_targets
+from maskconver_deploy.training.init import INIT_SCHEMES, apply_init
+from maskconver_deploy.training.targets import STUFF_MODES, STUFF_RULES, TargetSegment, build_targets
 
 STATE_FORMAT = "maskconver-deploy-train-state/1"
+AMP_MODES = ("off", "bf16", "fp16")
+DEVICES = ("cuda", "cpu")
 
 
 @dataclass
@@ -86,7 +96,23 @@ class TrainConfig:
     init: Path | None = None  # start from these weights (a checkpoint of the same preset); fresh optimizer
     split: str = "train"
     val_split: str = "val"
+    device: str | None = None  # "cuda" | "cpu"; None: cuda when available
+    amp: str = "off"  # "off" | "bf16" | "fp16"
+    channels_last: bool = True
+    prefetch: int = 4  # batches each data worker prepares ahead
+    stuff_rule: str = "scaled"  # "scaled" (kernel / area scaled to the preset's size) or "official" (21x21x3, 1024 px)
+    init_scheme: str = "he"  # "he" (He-normal everywhere) or "official" (by layer, facts 1.5)
+    embedding_decay: bool = False  # weight decay on the class-embedding table too (official)
     command: str = ""
+
+    def resolved_device(self) -> str:
+        """The device this run trains on ("cuda" or "cpu"); UserError when cuda is asked for and absent."""
+        if self.device is None:
+            return "cuda" if torch.cuda.is_available() else "cpu"
+        if self.device == "cuda" and not torch.cuda.is_available():
+            build = "this torch build has no CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
+            raise UserError(f"--device cuda: {build} (use --device cpu)")
+        return self.device
 
     def spec(self) -> MaskConverSpec:
         """The preset with this run's ablation switches applied."""
@@ -116,6 +142,11 @@ class TrainConfig:
             (self.checkpoint_every >= 1, "--checkpoint-every must be >= 1"),
             (self.mask_norm in MASK_NORMS, f"--mask-loss must be one of {', '.join(MASK_NORMS)}"),
             (self.stuff_centers in STUFF_MODES, f"--stuff-centers must be one of {', '.join(STUFF_MODES)}"),
+            (self.device is None or self.device in DEVICES, f"--device must be one of {', '.join(DEVICES)}"),
+            (self.amp in AMP_MODES, f"--amp must be one of {', '.join(AMP_MODES)}"),
+            (self.prefetch >= 1, "--prefetch must be >= 1"),
+            (self.stuff_rule in STUFF_RULES, f"--stuff-rule must be one of {', '.join(STUFF_RULES)}"),
+            (self.init_scheme in INIT_SCHEMES, f"--init-scheme must be one of {', '.join(INIT_SCHEMES)}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -160,7 +191,9 @@ def sample_seed(seed: int, position: int) -> int:
 class TrainSet(Dataset):
     """Loads, augments and builds targets for (record index, sample seed, crop) items (crop None: `aug`'s)."""
 
-    def __init__(self, records: Sequence[Any], meta: Any, spec: MaskConverSpec, aug: AugmentConfig) -> None:
+    def __init__(
+        self, records: Sequence[Any], meta: Any, spec: MaskConverSpec, aug: AugmentConfig, stuff_rule: str = "scaled"
+    ) -> None:
         from maskconver_deploy.data import load_example
 
         self._load = load_example
@@ -168,6 +201,7 @@ class TrainSet(Dataset):
         self.segments = [segments_of(r, meta) for r in self.records]
         self.spec = spec
         self.aug = aug
+        self.stuff_rule = stuff_rule
 
     def __len__(self) -> int:
         return len(self.records)
@@ -178,7 +212,7 @@ class TrainSet(Dataset):
         image, ids = self._load(self.records[index])
         rng = np.random.default_rng(seed)
         image, ids, padding = augment(np.asarray(image, np.uint8), np.asarray(ids), aug, rng)
-        targets = build_targets(ids, self.segments[index], self.spec, padding=padding)
+        targets = build_targets(ids, self.segments[index], self.spec, padding=padding, rule=self.stuff_rule)
         targets["image"] = image
         return targets
 
@@ -259,8 +293,9 @@ class TrainStep(nn.Module):
         return outputs, self.model.mask_logits(embeddings, outputs["mask_features"])
 
 
-def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Weight decay on conv and linear weights only: not on BN / LayerNorm, biases, depthwise convs, embeddings."""
+def parameter_groups(model: nn.Module, weight_decay: float, embedding_decay: bool = False) -> list[dict[str, Any]]:
+    """Weight decay on conv and linear weights only: not on BN / LayerNorm, biases, depthwise convs, and not on
+    embedding tables unless `embedding_decay` (the official code decays the class-embedding table too)."""
     decay, no_decay = [], []
     for module in model.modules():
         for name, param in module.named_parameters(recurse=False):
@@ -268,7 +303,8 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, An
                 continue
             is_weight = name == "weight"
             conv = isinstance(module, nn.Conv2d) and module.groups == 1
-            if is_weight and (conv or isinstance(module, nn.Linear)):
+            embedding = embedding_decay and isinstance(module, nn.Embedding)
+            if is_weight and (conv or embedding or isinstance(module, nn.Linear)):
                 decay.append(param)
             else:
                 no_decay.append(param)
@@ -291,37 +327,70 @@ def learning_rate(step: int, base: float, warmup: int, total: int) -> float:
 class Dist:
     rank: int = 0
     world: int = 1
+    local_rank: int = 0
 
     @property
     def main(self) -> bool:
         return self.rank == 0
 
 
-def init_distributed() -> Dist:
-    """Join the process group when started by torchrun (RANK / WORLD_SIZE set)."""
+def init_distributed(device: str = "cpu") -> Dist:
+    """Join the process group when started by torchrun (RANK / WORLD_SIZE set): NCCL on CUDA (one GPU per
+    process, LOCAL_RANK), gloo on the CPU."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device == "cuda":
+        count = torch.cuda.device_count()
+        if local_rank >= count:
+            raise UserError(f"process {local_rank} of this node has no GPU ({count} visible): use --nproc_per_node {count} or fewer")
+        torch.cuda.set_device(local_rank)
     if world <= 1:
         return Dist()
     if not dist.is_initialized():
-        dist.init_process_group("gloo")
-    return Dist(dist.get_rank(), dist.get_world_size())
+        dist.init_process_group("nccl" if device == "cuda" else "gloo")
+    return Dist(dist.get_rank(), dist.get_world_size(), local_rank)
+
+
+def autocast_dtype(amp: str) -> torch.dtype | None:
+    """The autocast dtype of an `--amp` mode (None: fp32)."""
+    return {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+
+
+def to_device(batch: dict[str, Tensor], device: torch.device) -> dict[str, Tensor]:
+    """Copy a (pinned) batch to `device`, asynchronously on CUDA."""
+    if device.type == "cpu":
+        return batch
+    return {key: value.to(device, non_blocking=True) for key, value in batch.items()}
 
 
 # ----------------------------------------------------------------------------------------------- state
 
 
 def _rng_state() -> dict[str, Any]:
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
 
 
 def _set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     np.random.set_state(state["numpy"])
     random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
 
 
-def save_state(path: Path, model: MaskConver, optimizer: torch.optim.Optimizer, step: int, config: TrainConfig, history: list) -> None:
-    """Everything `--resume` needs, atomically."""
+def save_state(
+    path: Path,
+    model: MaskConver,
+    optimizer: torch.optim.Optimizer,
+    step: int,
+    config: TrainConfig,
+    history: list,
+    scaler: Any = None,
+) -> None:
+    """Everything `--resume` needs, atomically (the GradScaler's state with --amp fp16)."""
     payload = {
         "format": STATE_FORMAT,
         "step": step,
@@ -331,6 +400,8 @@ def save_state(path: Path, model: MaskConver, optimizer: torch.optim.Optimizer, 
         "config": _plain_config(config),
         "history": history,
     }
+    if scaler is not None:
+        payload["scaler"] = scaler.state_dict()
     with atomic_path(path, force=True) as tmp:
         torch.save(payload, tmp)
 
@@ -359,8 +430,13 @@ def _plain_config(config: TrainConfig) -> dict[str, Any]:
 # ----------------------------------------------------------------------------------------------- evaluation
 
 
-def open_torch_runner(checkpoint: Path, threads: int | None) -> Any:
-    """The torch reference runner for a checkpoint (through the backend registry when it offers one)."""
+def open_torch_runner(checkpoint: Path, threads: int | None, backend: str = "torch") -> Any:
+    """The torch reference runner for a checkpoint (through the backend registry when it offers one);
+    `backend` "torch-cuda" evaluates on the GPU."""
+    if backend != "torch":
+        from maskconver_deploy.backends import open_runner
+
+        return open_runner(backend, checkpoint=checkpoint, threads=threads)
     try:
         from maskconver_deploy.backends import open_runner
     except ImportError:
@@ -376,13 +452,15 @@ def open_torch_runner(checkpoint: Path, threads: int | None) -> Any:
         return open_runner("torch", checkpoint=checkpoint)
 
 
-def evaluate_checkpoint(checkpoint: Path, data: Path, split: str, limit: int | None, threads: int | None) -> dict[str, Any]:
+def evaluate_checkpoint(
+    checkpoint: Path, data: Path, split: str, limit: int | None, threads: int | None, backend: str = "torch"
+) -> dict[str, Any]:
     """PQ of a written checkpoint on the first `limit` images of `split` (through the torch runner)."""
     from maskconver_deploy.data import load_split
     from maskconver_deploy.evaluate import evaluate_runner
 
     meta, records = load_split(data, split)
-    with open_torch_runner(checkpoint, threads) as runner:
+    with open_torch_runner(checkpoint, threads, backend) as runner:
         result = evaluate_runner(runner, records, meta, limit=limit)
     return dict(result)
 
@@ -408,6 +486,7 @@ class TrainResult:
     final_losses: dict[str, float]
     evaluation: dict[str, Any] | None
     history: list[dict[str, Any]] = field(default_factory=list)
+    images_per_second: float | None = None
 
 
 class _Log:
@@ -477,7 +556,10 @@ def train(config: TrainConfig) -> TrainResult:
     from maskconver_deploy.model.checkpoint import save_checkpoint
 
     config.validate()
-    ddp = init_distributed()
+    device_name = config.resolved_device()
+    ddp = init_distributed(device_name)
+    device = torch.device("cuda", torch.cuda.current_device()) if device_name == "cuda" else torch.device("cpu")
+    amp_dtype = autocast_dtype(config.amp)
     spec = config.spec()
     paths = side_paths(config.out)
     if ddp.main and not config.resume and not config.force:
@@ -494,13 +576,22 @@ def train(config: TrainConfig) -> TrainResult:
     categories = list(meta.categories)
     info = data_info(config.data, config.split)
     model = MaskConver(spec)
-    optimizer = torch.optim.SGD(parameter_groups(model, config.weight_decay), lr=config.lr, momentum=config.momentum)
+    apply_init(model, config.init_scheme)
+    model.to(device)
+    if config.channels_last:
+        model.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.SGD(
+        parameter_groups(model, config.weight_decay, config.embedding_decay), lr=config.lr, momentum=config.momentum
+    )
+    scaler = torch.amp.GradScaler(device.type) if config.amp == "fp16" else None
     start, history = 0, []
     log = _Log(paths["log"] if ddp.main else None)
     if config.resume:
         state = load_state(paths["state"])
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
+        if scaler is not None and "scaler" in state:
+            scaler.load_state_dict(state["scaler"])
         _set_rng_state(state["rng"])
         start, history = int(state["step"]), list(state.get("history", []))
         if ddp.main:
@@ -517,7 +608,7 @@ def train(config: TrainConfig) -> TrainResult:
 
     crop = config.crop(spec)
     aug = AugmentConfig(crop_size=crop, reference_size=tuple(spec.input_size), scale_range=tuple(config.scale_range))
-    dataset = TrainSet(records, meta, spec, aug)
+    dataset = TrainSet(records, meta, spec, aug, config.stuff_rule)
     sampler = StreamSampler(
         len(dataset), config.batch, config.steps, start, config.seed, ddp.rank, ddp.world,
         crop_at=lambda s: config.crop_at(s, spec),
@@ -528,12 +619,14 @@ def train(config: TrainConfig) -> TrainResult:
         num_workers=config.workers,
         collate_fn=collate,
         worker_init_fn=_worker_init if config.workers else None,
-        prefetch_factor=4 if config.workers else None,
-        persistent_workers=False,
+        prefetch_factor=config.prefetch if config.workers else None,
+        persistent_workers=config.workers > 0,
+        pin_memory=device.type == "cuda",
     )
     step_module: nn.Module = TrainStep(model)
     if ddp.world > 1:
-        step_module = nn.parallel.DistributedDataParallel(step_module)
+        ids = [ddp.local_rank] if device.type == "cuda" else None
+        step_module = nn.parallel.DistributedDataParallel(step_module, device_ids=ids)
     model.train()
     if ddp.main:
         log(
@@ -542,7 +635,9 @@ def train(config: TrainConfig) -> TrainResult:
             + (f" ({config.early_size}x{config.early_size} for steps < {config.early_steps})" if config.early_steps else "")
             + f", lr {config.lr}, "
             f"warmup {config.warmup}, threads {threads}, workers {config.workers}, seed {config.seed}, "
-            f"stuff centers {spec.stuff_centers}, class embedding {'on' if spec.class_embedding else 'off'}"
+            f"stuff centers {spec.stuff_centers}, class embedding {'on' if spec.class_embedding else 'off'}, "
+            f"device {device_name}" + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "")
+            + f", amp {config.amp}, {'channels_last' if config.channels_last else 'NCHW'}"
         )
 
     def provenance(step: int, evaluation: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -557,8 +652,12 @@ def train(config: TrainConfig) -> TrainResult:
             "early_crop": [config.early_size, config.early_steps] if config.early_steps else None,
             "batch": config.batch * ddp.world,
             "lr": config.lr,
+            "device": device_name,
+            "amp": config.amp,
             "torch": str(torch.__version__),
         }
+        if config.stuff_rule != "scaled":
+            prov["stuff_rule"] = config.stuff_rule
         if info is not None:
             prov["data_info"] = info
         if config.init is not None:
@@ -569,61 +668,93 @@ def train(config: TrainConfig) -> TrainResult:
 
     def write_checkpoint(step: int, evaluation: dict[str, Any] | None = None) -> None:
         save_checkpoint(config.out, model, categories, provenance(step, evaluation), force=True)
-        save_state(paths["state"], model, optimizer, step, config, history)
+        save_state(paths["state"], model, optimizer, step, config, history, scaler)
 
     started = time.time()
-    losses_sum: dict[str, float] = {}
+    losses_sum: dict[str, Tensor] = {}
     losses_count = 0
     final_losses: dict[str, float] = {}
     step = start
     wait_s, tick = 0.0, time.time()
+    eval_s = 0.0  # time spent evaluating inside the loop (not training throughput)
+    interval_start, interval_steps = time.time(), 0
+    per_step_images = config.batch * ddp.world
+    backend = "torch-cuda" if device.type == "cuda" else "torch"
     with ProgressBar(f"train {spec.name}", total=config.steps, completed=start) as bar:
         for batch in loader:
             wait_s += time.time() - tick
             lr = learning_rate(step, config.lr, config.warmup, config.steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr
+            batch = to_device(batch, device)
             images = model.normalize(batch["image"])
-            outputs, mask_logits = step_module(images, batch["positions"], batch["classes"])
+            if config.channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+                outputs, mask_logits = step_module(images, batch["positions"], batch["classes"])
+            if amp_dtype is not None:  # the losses (and the logits' upsampling inside them) in fp32
+                outputs, mask_logits = {k: v.float() for k, v in outputs.items()}, mask_logits.float()
             losses = maskconver_loss(outputs, mask_logits, batch, mask_weight=MASK_WEIGHT, mask_norm=config.mask_norm)
-            if not torch.isfinite(losses["total"]):
+            # a finite check is a host sync: every step on the CPU (free), at log steps on a GPU
+            if device.type == "cpu" and not torch.isfinite(losses["total"]):
                 raise UserError(f"loss is not finite at step {step} (try a lower --lr)")
             optimizer.zero_grad(set_to_none=True)
-            losses["total"].backward()
-            if config.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-            optimizer.step()
+            if scaler is not None:
+                scaler.scale(losses["total"]).backward()
+                if config.grad_clip > 0:
+                    scaler.unscale_(optimizer)
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                losses["total"].backward()
+                if config.grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+                optimizer.step()
             step += 1
-            values = {k: float(v.detach()) for k, v in losses.items()}
-            for k, v in values.items():
-                losses_sum[k] = losses_sum.get(k, 0.0) + v
+            interval_steps += 1
+            for k, v in losses.items():
+                v = v.detach()
+                losses_sum[k] = losses_sum[k] + v if k in losses_sum else v
             losses_count += 1
+            logging = step % config.log_every == 0 or step == config.steps
             if ddp.main:
-                bar.update(1, " ".join(f"{k} {v:.3f}" for k, v in values.items()) + f" lr {lr:.4f}")
-            if step % config.log_every == 0 or step == config.steps:
-                final_losses = {k: v / losses_count for k, v in losses_sum.items()}
+                shown = device.type == "cpu" or logging  # reading a CUDA value waits for the GPU
+                status = " ".join(f"{k} {float(v.detach()):.3f}" for k, v in losses.items()) + f" lr {lr:.4f}"
+                bar.update(1, status if shown else "")
+            if logging:
+                final_losses = {k: float(v) / losses_count for k, v in losses_sum.items()}
+                if not math.isfinite(final_losses["total"]):
+                    raise UserError(f"loss is not finite before step {step} (try a lower --lr)")
                 losses_sum, losses_count = {}, 0
+                rate = interval_steps * per_step_images / max(time.time() - interval_start, 1e-9)
                 if ddp.main:
-                    entry = {"step": step, "lr": lr, "elapsed_s": round(time.time() - started, 1), **final_losses}
+                    entry = {"step": step, "lr": lr, "elapsed_s": round(time.time() - started, 1),
+                             "images_per_s": round(rate, 2), **final_losses}
                     history.append(entry)
                     log(f"step {step}/{config.steps} " + " ".join(f"{k}={v:.4f}" for k, v in final_losses.items())
-                        + f" lr={lr:.5f} elapsed={entry['elapsed_s']}s data_wait={wait_s:.1f}s")
+                        + f" lr={lr:.5f} elapsed={entry['elapsed_s']}s data_wait={wait_s:.1f}s img/s={rate:.1f}")
                 wait_s = 0.0
             if ddp.main and (step % config.checkpoint_every == 0 or step == config.steps):
+                t_eval = time.time()
                 write_checkpoint(step)
                 if config.eval_every and step % config.eval_every == 0 and step != config.steps:
-                    evaluation = _try_evaluate(config, config.eval_limit, threads, log, step)
+                    evaluation = _try_evaluate(config, config.eval_limit, threads, log, step, backend)
                     model.train()
                     if evaluation is not None:
                         history.append({"step": step, "val_pq": _pq_summary(evaluation)})
                         write_checkpoint(step, evaluation)
+                eval_s += time.time() - t_eval
+            if logging:
+                interval_start, interval_steps = time.time(), 0
             tick = time.time()
     seconds = time.time() - started
     evaluation = None
     if ddp.main:
-        log(f"finished {config.steps} steps in {seconds / 60:.1f} min")
+        rate = (step - start) * per_step_images / max(seconds - eval_s, 1e-9)
+        log(f"finished {config.steps} steps in {seconds / 60:.1f} min on {device_name} ({rate:.1f} images/s)")
         if config.final_eval:
-            evaluation = _try_evaluate(config, config.final_eval, threads, log, step)
+            evaluation = _try_evaluate(config, config.final_eval, threads, log, step, backend)
             if evaluation is not None:
                 history.append({"step": step, "val_pq": _pq_summary(evaluation)})
                 write_checkpoint(step, evaluation)
@@ -641,6 +772,11 @@ def train(config: TrainConfig) -> TrainResult:
             "train_seconds": round(seconds, 1),
             "steps_this_run": step - start,
             "seconds_per_step": round(seconds / max(step - start, 1), 3),
+            "images_per_second": round((step - start) * per_step_images / max(seconds - eval_s, 1e-9), 2),
+            "device": device_name,
+            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+            "amp": config.amp,
+            "channels_last": config.channels_last,
             "final_losses": final_losses,
             "val": _pq_summary(evaluation) if evaluation is not None else None,
             "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "threads": threads, "python": sys.version.split()[0]},
@@ -650,7 +786,8 @@ def train(config: TrainConfig) -> TrainResult:
     if ddp.world > 1:
         dist.barrier()
         dist.destroy_process_group()
-    return TrainResult(step, seconds, final_losses, evaluation, history)
+    rate = round((step - start) * per_step_images / max(seconds - eval_s, 1e-9), 2)
+    return TrainResult(step, seconds, final_losses, evaluation, history, rate)
 
 
 def _pq_summary(evaluation: dict[str, Any]) -> dict[str, Any]:
@@ -667,11 +804,13 @@ def _pq_summary(evaluation: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _try_evaluate(config: TrainConfig, limit: int, threads: int, log: _Log, step: int) -> dict[str, Any] | None:
+def _try_evaluate(
+    config: TrainConfig, limit: int, threads: int, log: _Log, step: int, backend: str = "torch"
+) -> dict[str, Any] | None:
     """Evaluate the checkpoint just written; a missing val split or evaluator is logged, not fatal."""
     try:
         t0 = time.time()
-        result = evaluate_checkpoint(config.out, config.data, config.val_split, limit, threads)
+        result = evaluate_checkpoint(config.out, config.data, config.val_split, limit, threads, backend)
     except (ImportError, UserError) as exc:
         log(f"step {step}: evaluation skipped ({exc})")
         return None
