@@ -237,22 +237,24 @@ def parity(model_dir: PathLike, *, reference: str = "torch", candidates: str = "
     skipped) and its reason: nothing is raised for a failing candidate."""
     import tempfile
 
-    from maskconver_deploy.cli.parity import SYNTHETIC_IMAGES, SYNTHETIC_SEED, _synthetic, candidate_names
     from maskconver_deploy.data.coco_panoptic import load_split
     from maskconver_deploy.fileio import refuse_overwrite, write_json
     from maskconver_deploy.modeldir import ModelDir
-    from maskconver_deploy.parity import run_parity
+    from maskconver_deploy.parity import SYNTHETIC_IMAGES, SYNTHETIC_SEED, resolve_candidates, run_parity, synthetic_val
 
     if json_out is not None:
         refuse_overwrite(Path(json_out), force)
     if data is not None and not Path(data).is_dir():
         raise UserError("no such data folder", Path(data))
     folder = ModelDir(Path(model_dir))
-    names, _ = candidate_names(candidates, reference)
+    names, _ = resolve_candidates(candidates, reference)
     with tempfile.TemporaryDirectory(prefix="maskconver-parity-") as tmp:
         if data is None:
-            data_dir = _synthetic(Path(tmp) / "data", n or SYNTHETIC_IMAGES, max(folder.meta.input_size))
+            count = n or SYNTHETIC_IMAGES
+            data_dir = synthetic_val(Path(tmp) / "data", count, max(folder.meta.input_size))
             split = "val"
+            if log is not None:
+                log(f"generated {count} synthetic validation scenes (seed {SYNTHETIC_SEED}) in a temporary folder")
         else:
             data_dir = Path(data)
         meta, records = load_split(data_dir, split)

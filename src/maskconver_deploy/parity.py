@@ -364,6 +364,32 @@ def run_parity(
     }
 
 
+SYNTHETIC_SEED = 1  # the shipped model trains on seed-0 scenes: compare on scenes it has not seen
+SYNTHETIC_IMAGES = 50
+
+
+def resolve_candidates(text: str, reference: str) -> tuple[list[str], bool]:
+    """(names, explicit): 'all' -> every backend the toolkit knows except the reference; else the comma list."""
+    from maskconver_deploy.backends import parse_backend
+    from maskconver_deploy.bench import all_backend_names
+
+    ref = str(parse_backend(reference))
+    if text.strip().lower() == "all":
+        return [n for n in all_backend_names() if n != ref], False
+    names = [str(parse_backend(part)) for part in text.split(",") if part.strip()]
+    if not names:
+        raise UserError("--candidates is empty")
+    return names, True
+
+
+def synthetic_val(target: Path, n: int, size: int) -> Path:
+    """n generated validation scenes (seed SYNTHETIC_SEED) at the model's size: n + 1 scenes, a val share of n / (n + 1)."""
+    from maskconver_deploy.data.synthetic import write_dataset
+
+    write_dataset(target, n=n + 1, size=int(size), seed=SYNTHETIC_SEED, val_fraction=n / (n + 1), force=True)
+    return target
+
+
 def _candidate_names(candidates: Sequence[str], reference: str) -> list[str]:
     from maskconver_deploy.backends import parse_backend
 

@@ -6,7 +6,6 @@ failed its tolerance or raised; 2 bad input, or a candidate named explicitly tha
 
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -15,25 +14,8 @@ import typer
 from maskconver_deploy.cli.options import DataOpt, ForceOpt, JsonOpt, JsonOutOpt, ModelDirOpt, SplitOpt, ThreadsOpt
 from maskconver_deploy.errors import CheckFailed, UserError
 
-SYNTHETIC_SEED = 1  # the shipped model trains on seed-0 scenes: compare on scenes it has not seen
-SYNTHETIC_IMAGES = 50
-
 COLUMNS = ["backend", "precision", "pixel agr %", "category agr %", "top-N match %", "heatmap max abs err",
            "PQ ref", "PQ cand", "ΔPQ", "ΔAP", "verdict", "reason"]  # fmt: skip
-
-
-def candidate_names(text: str, reference: str) -> tuple[list[str], bool]:
-    """(names, explicit): 'all' -> every backend the toolkit knows except the reference; else the comma list."""
-    from maskconver_deploy.backends import parse_backend
-    from maskconver_deploy.bench import all_backend_names
-
-    ref = str(parse_backend(reference))
-    if text.strip().lower() == "all":
-        return [n for n in all_backend_names() if n != ref], False
-    names = [str(parse_backend(part)) for part in text.split(",") if part.strip()]
-    if not names:
-        raise UserError("--candidates is empty")
-    return names, True
 
 
 def _short(reason: str) -> str:
@@ -90,6 +72,11 @@ CountOpt = Annotated[
     Optional[int],
     typer.Option("--n", min=1, help="Compare on the first N images (default: all; 50 generated ones without --data)."),
 ]
+CalibOpt = Annotated[
+    Optional[Path],
+    typer.Option("--calib", help="Calibration folder the int8 artifacts were built from: an artifact built from "
+                 "another set is stale (fails)."),
+]  # fmt: skip
 BisectOpt = Annotated[
     bool,
     typer.Option("--bisect", help="On a failing fp32 ONNX Runtime candidate, find the first ONNX node outside "
@@ -106,6 +93,7 @@ def parity(
     n: CountOpt = None,
     threads: ThreadsOpt = None,
     bisect: BisectOpt = False,
+    calib: CalibOpt = None,
     json_out: JsonOutOpt = None,
     as_json: JsonOpt = False,
     force: ForceOpt = False,
@@ -115,35 +103,16 @@ def parity(
 
     Without --data, a small synthetic validation set is generated (deterministically) in a temporary folder.
     """
+    from maskconver_deploy import api
     from maskconver_deploy.cli.console import log, print_json, progress
-    from maskconver_deploy.data.coco_panoptic import load_split
-    from maskconver_deploy.fileio import refuse_overwrite, write_json
-    from maskconver_deploy.modeldir import ModelDir
-    from maskconver_deploy.parity import run_parity
+    from maskconver_deploy.parity import resolve_candidates
 
     if model_dir is None:
         raise UserError("--model-dir is required (a folder written by `maskconver export`)")
-    if json_out is not None:
-        refuse_overwrite(json_out, force)
-    if data is not None and not data.is_dir():
-        raise UserError("no such data folder", data)
-    folder = ModelDir(model_dir)
-    names, explicit = candidate_names(candidates, reference)
-    with tempfile.TemporaryDirectory(prefix="maskconver-parity-") as tmp:
-        if data is None:
-            count = n or SYNTHETIC_IMAGES
-            data_dir = _synthetic(Path(tmp) / "data", count, max(folder.meta.input_size))
-            split = "val"
-            log(f"generated {count} synthetic validation scenes (seed {SYNTHETIC_SEED}) in a temporary folder")
-        else:
-            data_dir = data
-        meta, records = load_split(data_dir, split)
-        result = run_parity(model_dir, names, reference=reference, records=records, meta=meta, n=n, threads=threads,
-                            bisect=bisect, log=log, progress=progress)  # fmt: skip
-    result["data"] = {"dir": str(data) if data is not None else None, "split": split,
-                      "generated": data is None, "seed": SYNTHETIC_SEED if data is None else None}  # fmt: skip
-    if json_out is not None:
-        write_json(json_out, result, force=force)
+    _, explicit = resolve_candidates(candidates, reference)
+    result = api.parity(model_dir, reference=reference, candidates=candidates, data=data, split=split, n=n,
+                        threads=threads, bisect=bisect, calib=calib, json_out=json_out, force=force, log=log,
+                        progress=progress)  # fmt: skip
     if as_json:
         print_json(result)
     else:
@@ -157,10 +126,3 @@ def parity(
         raise UserError("requested candidates could not run: "
                         + "; ".join(f"{c['backend']}: {c['reason']}" for c in skipped))  # fmt: skip
 
-
-def _synthetic(target: Path, n: int, size: int) -> Path:
-    """n generated validation scenes at the model's size: n + 1 scenes with a val share of n / (n + 1)."""
-    from maskconver_deploy.data.synthetic import write_dataset
-
-    write_dataset(target, n=n + 1, size=int(size), seed=SYNTHETIC_SEED, val_fraction=n / (n + 1), force=True)
-    return target
