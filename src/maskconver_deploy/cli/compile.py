@@ -13,12 +13,14 @@ from maskconver_deploy.errors import UserError
 
 BackendFamilyOpt = Annotated[
     Optional[str],
-    typer.Option("--backend", "-b", help="ort, ort-mobile, tflite or tensorrt, a precision may follow: ort-int8-static."),
+    typer.Option("--backend", "-b", help="ort, ort-mobile, tflite, openvino or tensorrt; a precision may follow: ort-int8-static, "
+                 "openvino-bf16."),
 ]
 PrecisionOpt = Annotated[
     Optional[str],
-    typer.Option("--precision", "-p", help="fp32, fp16, int8-dynamic (weight-only), int8-static (ONNX Runtime QDQ) "
-                 "or int8 (TFLite / TensorRT full integer)."),
+    typer.Option("--precision", "-p", help="fp32, fp16, bf16 (OpenVINO: the network in bf16, the post-processing in "
+                 "float32), int8-dynamic (weight-only), int8-static (ONNX Runtime QDQ) or int8 (TFLite / TensorRT full "
+                 "integer, OpenVINO NNCF)."),
 ]
 CalibOpt = Annotated[
     Optional[Path], typer.Option("--calib", help="Calibration folder (maskconver calib make): int8-static and int8 need it.")
@@ -44,7 +46,8 @@ def compile_cmd(
     json_out: JsonOpt = False,
 ) -> None:
     """Compile a model folder's ONNX graphs for one backend and precision; artifacts land in the same folder,
-    named by backend (e.g. ort-mobile.ort, ort-int8-static.onnx, tflite-fp16.tflite), each with a build record."""
+    named by backend (e.g. ort-mobile.ort, ort-int8-static.onnx, tflite-fp16.tflite, openvino-int8.xml), each with a
+    build record."""
     from maskconver_deploy import api
     from maskconver_deploy.backends import require_backend
     from maskconver_deploy.cli.console import ProgressBar, log, print_json, print_table
