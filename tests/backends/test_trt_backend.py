@@ -57,8 +57,8 @@ def _meta() -> ModelMeta:
     )
 
 
-@pytest.fixture(scope="module")
-def tiny_onnx(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, ModelMeta]:
+def _export_tiny(path: Path, merge: str | None = None) -> Path:
+    """The tiny model exported with the given merge path (the spec's default when None)."""
     import torch
 
     from maskconver_deploy.model.maskconver import MaskConver
@@ -70,16 +70,19 @@ def tiny_onnx(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, ModelMeta
         head_channels=16, embedding_dim=16, num_proposals=PROPOSALS, aspp_rates=(1, 2, 3), small_area_threshold=0,
     )
     torch.manual_seed(0)
-    model = DeployModel(MaskConver(spec))
-    path = tmp_path_factory.mktemp("tiny") / "model.onnx"
+    model = DeployModel(MaskConver(spec), merge=merge)
     example = torch.zeros((1, SIZE, SIZE, 3), dtype=torch.uint8)
     torch.onnx.export(model, (example,), str(path), input_names=["image"], output_names=list(PANOPTIC_OUTPUTS),
                       opset_version=17, dynamo=False)
     proto = onnx.load(str(path))
-    meta = _meta()
-    helper.set_model_props(proto, {METADATA_KEY: meta.to_json()})
+    helper.set_model_props(proto, {METADATA_KEY: _meta().to_json()})
     onnx.save(proto, str(path))
-    return path, meta
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_onnx(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, ModelMeta]:
+    return _export_tiny(tmp_path_factory.mktemp("tiny") / "model.onnx"), _meta()
 
 
 def _images(count: int, seed: int, size: int = SIZE) -> list[np.ndarray]:
@@ -279,6 +282,19 @@ def test_exported_graph_is_ready_for_tensorrt_after_preparation(tiny_onnx: tuple
             assert before.keys() == after.keys()
             for name in before:
                 np.testing.assert_array_equal(before[name], after[name], err_msg=name)
+
+
+@pytest.mark.parametrize("merge", ["input", "feature", "official", "input-legacy"])
+def test_every_merge_path_passes_the_preflight(merge: str, tmp_path: Path) -> None:
+    """Each merge path's graph needs no change TensorRT cannot take, and the preparation keeps its answers."""
+    path = _export_tiny(tmp_path / f"{merge}.onnx", merge)
+    original, prepared = onnx.load(str(path)), onnx.load(str(path))
+    prepare_onnx(prepared)
+    assert tensorrt_graph_problems(prepared) == []
+    for image in _images(2, seed=5):
+        before, after = _ort_run(original, image), _ort_run(prepared, image)
+        for name in before:
+            np.testing.assert_array_equal(before[name], after[name], err_msg=f"{merge}: {name}")
 
 
 def _graph_with_topk(k_value: int | None, dynamic: bool = False, sorted_: int = 1) -> onnx.ModelProto:

@@ -18,6 +18,10 @@ What the build does beyond parsing, and why:
   uint8 NHWC image before casting it, so the build moves the Cast in front of the Transpose (exact: both are
   lossless) and records that in the build record. Any other use of a uint8 input is refused with a clear message.
 - TopK. K must be a constant <= 3840 with sorted output; the pre-flight check says so before TensorRT is called.
+- ScatterElements with reduction "add" (the `input` merge path's owner histogram) is not a core layer: the ONNX
+  parser builds it from the standard "ScatterElements" plugin (`scatterPluginHelper` in onnx-tensorrt), so the
+  standard plugins are registered (`init_libnvinfer_plugins`) before parsing and before deserialising. The
+  additions are of 1.0 into float32 counts below 2^24, so the atomics' order cannot change a count.
 - fp16/int8. The post-processing (heatmap sigmoid and peak NMS, TopK, mask embeddings, mask logits, resize and
   panoptic merge) is kept in fp32 through layer precisions (PREFER_PRECISION_CONSTRAINTS): ties in peak NMS and
   TopK, and overflow in the logits, are where reduced precision changes the panoptic answer.
@@ -642,6 +646,10 @@ def _logger(trt: Any) -> Any:
                     print(f"[TensorRT] warning: {msg}", file=sys.stderr)
 
         _LOGGER = _CollectingLogger()
+        # The standard plugins, registered once with the logger: the ONNX parser builds ScatterElements with a
+        # reduction (the owner histogram of the `input` merge path) from the "ScatterElements" plugin, and an
+        # engine holding that layer needs the plugin again when it is deserialised.
+        trt.init_libnvinfer_plugins(_LOGGER, "")
     return _LOGGER
 
 
