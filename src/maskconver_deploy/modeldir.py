@@ -171,6 +171,10 @@ class ModelDir:
                 "source_onnx": source.name, "source_onnx_sha256": sha256_file(source),
                 "built_at": started.isoformat(timespec="seconds"),
             }, force=True)  # fmt: skip
+        if built != source and record.is_file():  # every build record names the merge path it was built with
+            content = read_json(record)
+            content["merge"], content["mask_activation"] = self.meta.merge, self.meta.mask_activation
+            write_json(record, content, force=True)
         return built
 
     def artifacts(self) -> list[dict[str, Any]]:

@@ -96,6 +96,7 @@ def test_every_precision_is_built_with_a_record(built: Path, calib_dir: Path) ->
         assert artifact.is_file() and ov_backend.weights_path(artifact).is_file()
         record = json.loads(record_path(artifact).read_text())
         assert record["backend"] == name and record["source_onnx_sha256"] == source_sha
+        assert (record["merge"], record["mask_activation"]) == (folder.meta.merge, folder.meta.mask_activation)
         assert record["artifact_sha256"] == sha256_file(artifact)
         assert record["weights_sha256"] == sha256_file(ov_backend.weights_path(artifact))
         assert record["tool_versions"]["openvino"] == "2026.4.1" and record["cpu"]["flags"]

@@ -116,6 +116,7 @@ def test_every_variant_is_built_with_a_record(built: Path, calib_dir: Path) -> N
         assert record["backend"] == name and record["artifact"] == artifact.name
         assert record["artifact_sha256"] == sha256_file(artifact)
         assert record["source_onnx"] == "model.onnx" and record["source_onnx_sha256"] == source_sha
+        assert (record["merge"], record["mask_activation"]) == (folder.meta.merge, folder.meta.mask_activation)
         assert record["input"]["shape"] == [1, SIZE, SIZE, 3] and record["tool_versions"]["onnxruntime"]
         check = record["check"]
         assert check["images"] == 2 and check["panoptic_agreement"] >= CHECK_FLOORS[name], (name, check)
