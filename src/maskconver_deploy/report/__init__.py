@@ -207,9 +207,9 @@ def _check_ort_mobile(bench: BenchResult, entry: BenchEntry) -> Check:
 
 
 def _raw_pair(bench: BenchResult, entry: BenchEntry, other: str) -> tuple[BenchEntry | None, BenchEntry | None, BenchEntry | None]:
-    raw = bench.find(entry.backend, "raw", entry.size, entry.proposals, entry.threads)
-    other_e2e = bench.find(other, "panoptic", entry.size, entry.proposals, entry.threads)
-    other_raw = bench.find(other, "raw", entry.size, entry.proposals, entry.threads)
+    raw = bench.find(entry.backend, "raw", entry.size, entry.proposals, entry.threads, entry.merge)
+    other_e2e = bench.find(other, "panoptic", entry.size, entry.proposals, entry.threads, entry.merge)
+    other_raw = bench.find(other, "raw", entry.size, entry.proposals, entry.threads, entry.merge)
     return raw, other_e2e, other_raw
 
 
