@@ -1,16 +1,19 @@
 """Latency benchmark of every artifact of a model folder, interleaved, against PyTorch eager in the same run.
 
 Protocol (one `run_bench` call):
-* Groups: one per (input size, proposals, threads). Inside a group every requested backend is opened twice,
-  on the fused panoptic graph (end to end) and on the raw graph (network alone), where that artifact exists.
+* Groups: one per (input size, proposals, threads). Inside a group every requested backend is opened on the fused
+  panoptic graph (end to end) of every requested merge path (`--merge`; model/postprocess.py), and once on the raw
+  graph (network alone: it has no merge in it, so it is timed once per group, from the group's first merge path),
+  where that artifact exists. Each merge path in a group has its own PyTorch eager runner (the same path's
+  reference), so speed-ups compare like with like, and the paths are timed interleaved with each other.
 * Each runner is opened and warmed up alone (W runs) while its memory is measured, then all runners of the group
   are timed round-robin, one image per runner per round, the starting runner rotated each round, for R rounds:
   drift (thermal, a neighbour's job) hits every backend alike.
 * The time of one run is `Runner.last_latency_s`: the backend call only, the same span for every backend.
 * Speed-up = median(torch) / median(backend) within the same group. The floor is the model's MACs at this
   machine's float32 matmul peak, measured once per thread count in a clean subprocess.
-* Sizes and proposal counts other than the folder's own are exported and compiled into
-  MODEL_DIR/variants/s<size>-n<proposals>/ first (reused when present).
+* Sizes, proposal counts and merge paths other than the folder's own are exported and compiled into
+  MODEL_DIR/variants/s<size>-n<proposals>[-<merge>]/ first (reused when present).
 Nothing here imports torch at module level; the model is imported only to count MACs and export variants.
 """
 
@@ -41,6 +44,7 @@ from maskconver_deploy.results import (
     STATUS_FAILED,
     STATUS_OK,
     STATUS_SKIPPED,
+    DEFAULT_MERGE,
     BenchEntry,
     BenchResult,
     LatencyStats,
@@ -83,8 +87,13 @@ class BenchOptions:
     """What to time. `sizes`/`proposals` None: the model folder's own setting only."""
 
     backends: list[str]
-    # backends timed at a given (size, proposals) other than the folder's own; a config not listed gets them all
-    config_backends: dict[tuple[int, int], list[str]] | None = None
+    # backends timed at a given (size, proposals) other than the folder's own, or at (size, proposals, merge); a
+    # config not listed gets them all
+    config_backends: dict[tuple[int, ...], list[str]] | None = None
+    # merge paths to time (None: the folder's own); merge_configs[merge]: the (size, proposals) it is timed at
+    # (a merge not listed: every planned config)
+    merges: list[str] | None = None
+    merge_configs: dict[str, list[tuple[int, int]]] | None = None
     sizes: list[int] | None = None
     proposals: list[int] | None = None
     threads: list[int | None] = field(default_factory=lambda: [None])
@@ -138,8 +147,28 @@ def plan_configs(native: tuple[int, int], sizes: list[int] | None, proposals: li
     return out
 
 
-def variant_name(size: int, proposals: int) -> str:
-    return f"s{size}-n{proposals}"
+def variant_name(size: int, proposals: int, merge: str | None = None) -> str:
+    """Folder name under MODEL_DIR/variants/: 's256-n100', or 's256-n100-feature' for another merge path."""
+    return f"s{size}-n{proposals}" + (f"-{merge}" if merge else "")
+
+
+def parse_merges(text: str | None) -> list[str] | None:
+    """'input,feature' -> ['input', 'feature'] (validated against model/postprocess.py MERGES); None/'' -> None."""
+    if text is None or not text.strip():
+        return None
+    from maskconver_deploy.model.postprocess import MERGES, normalize_merge
+
+    out: list[str] = []
+    for part in text.split(","):
+        if not part.strip():
+            continue
+        try:
+            name = normalize_merge(part)
+        except ValueError:
+            raise UserError(f"--merge: unknown merge path '{part.strip()}' (use {', '.join(MERGES)})") from None
+        if name not in out:
+            out.append(name)
+    return out or None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -350,8 +379,10 @@ def _sha(folder: Any) -> str:
 
 
 def prepare_variant(model_dir: Path, size: int, proposals: int, backends: Sequence[str], calib: Path | None,
-                    log: Log) -> tuple[Path, dict[str, tuple[str, str]]]:  # fmt: skip
-    """Export MODEL_DIR/variants/s<size>-n<proposals>/ (panoptic + raw graphs) and compile `backends` there.
+                    log: Log, merge: str | None = None,
+                    graphs: Sequence[str] = GRAPHS) -> tuple[Path, dict[str, tuple[str, str]]]:  # fmt: skip
+    """Export MODEL_DIR/variants/s<size>-n<proposals>[-<merge>]/ (panoptic + raw graphs) and compile `backends`
+    there (the `graphs` of them). `merge`: another merge path than the folder's own (None: the folder's).
 
     Returns (variant folder, {backend: (status, reason)}) for backends that could not be prepared: skipped when it
     needs what was not given (a calibration set), failed when its build failed. Existing files are reused.
@@ -359,14 +390,20 @@ def prepare_variant(model_dir: Path, size: int, proposals: int, backends: Sequen
     from maskconver_deploy import export as export_mod
     from maskconver_deploy.modeldir import ModelDir
 
-    target = model_dir / VARIANTS_DIR / variant_name(size, proposals)
     source = ModelDir(model_dir)
-    if (target / "model.json").is_file() and _sha(ModelDir(target)) != _sha(source):
-        log(f"variant {target.name} was exported from another checkpoint: exporting it again")
-        shutil.rmtree(target)  # our own scratch folder under MODEL_DIR/variants/
+    other = merge if merge and merge != source.meta.merge else None
+    target = model_dir / VARIANTS_DIR / variant_name(size, proposals, other)
+    wanted_merge = other or source.meta.merge
+    if (target / "model.json").is_file():
+        existing = ModelDir(target).meta
+        why = ("another checkpoint" if _sha(ModelDir(target)) != _sha(source)
+               else f"another merge path ({existing.merge})" if existing.merge != wanted_merge else "")  # fmt: skip
+        if why:
+            log(f"variant {target.name} was exported from {why}: exporting it again")
+            shutil.rmtree(target)  # our own scratch folder under MODEL_DIR/variants/
     if not (target / "model.json").is_file():
-        log(f"exporting variant {target.name} (size {size}, {proposals} proposals)")
-        export_mod.export_variant(source, target, input_size=(size, size), num_proposals=proposals)
+        log(f"exporting variant {target.name} (size {size}, {proposals} proposals, merge {wanted_merge})")
+        export_mod.export_variant(source, target, input_size=(size, size), num_proposals=proposals, merge=other)
     variant = ModelDir(target)
     problems: dict[str, tuple[str, str]] = {}
     for name in backends:
@@ -375,7 +412,7 @@ def prepare_variant(model_dir: Path, size: int, proposals: int, backends: Sequen
         if needs_calibration(name) and calib is None:
             problems[name] = (STATUS_SKIPPED, "needs a calibration set for this variant (pass --calib)")
             continue
-        for graph in GRAPHS:
+        for graph in graphs:
             try:
                 path = variant.artifact_path(name, graph)
                 if path.exists():
@@ -528,19 +565,34 @@ def profile_ort(entry: BenchEntry, image: np.ndarray, warmup: int, runs: int) ->
         events = json.loads(trace.read_text())
     node_ms, run_ms, shares = parse_ort_profile(events, runs)
     return ProfileResult(entry.backend, entry.graph, entry.size, entry.proposals, entry.threads, runs,
-                         round(node_ms, 4), None if run_ms is None else round(run_ms, 4), shares)  # fmt: skip
+                         round(node_ms, 4), None if run_ms is None else round(run_ms, 4), shares, entry.merge)  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # The run
 # ---------------------------------------------------------------------------------------------------------------
-def _new_entry(parsed: Any, name: str, graph: str, size: int, proposals: int, threads: int | None) -> BenchEntry:
+def _new_entry(parsed: Any, name: str, graph: str, size: int, proposals: int, threads: int | None,
+               merge: str = DEFAULT_MERGE, mask_activation: str = "hard-sigmoid") -> BenchEntry:  # fmt: skip
     return BenchEntry(backend=name, family=parsed.family, precision=parsed.precision.value, graph=graph, size=size,
-                      proposals=proposals, threads=threads)  # fmt: skip
+                      proposals=proposals, threads=threads, merge=merge, mask_activation=mask_activation)  # fmt: skip
+
+
+def plan_merges(native_merge: str, configs: list[tuple[int, int]], options: BenchOptions) -> dict[tuple[int, int], list[str]]:
+    """(size, proposals) -> the merge paths timed there, the folder's own first (it gives the group's raw graph)."""
+    merges = list(options.merges or [native_merge])
+    merges.sort(key=lambda m: m != native_merge)
+    out: dict[tuple[int, int], list[str]] = {}
+    for config in configs:
+        chosen = [m for m in merges if (options.merge_configs or {}).get(m) is None
+                  or config in [tuple(c) for c in (options.merge_configs or {})[m]]]  # fmt: skip
+        if chosen:
+            out[config] = chosen
+    return out
 
 
 def run_bench(model_dir: str | Path, options: BenchOptions, log: Log | None = None) -> BenchResult:
-    """Time every requested backend at every planned (size, proposals) and thread count; see the module doc."""
+    """Time every requested backend at every planned (size, proposals, merge path) and thread count; see the
+    module doc."""
     from maskconver_deploy.modeldir import ModelDir
 
     say = log or (lambda _message: None)
@@ -549,6 +601,7 @@ def run_bench(model_dir: str | Path, options: BenchOptions, log: Log | None = No
     folder = ModelDir(model_dir)
     meta = folder.meta
     native = (int(meta.input_size[0]), int(meta.num_proposals))
+    native_merge = str(meta.merge)
     if not options.backends:
         raise UserError("no backend to benchmark (--backends)")
     if options.warmup < 0 or options.runs < 1:
@@ -560,25 +613,34 @@ def run_bench(model_dir: str | Path, options: BenchOptions, log: Log | None = No
         if name not in names:
             names.append(name)
     configs = plan_configs(native, options.sizes, options.proposals, options.grid)
+    merges_at = plan_merges(native_merge, configs, options)
+    configs = [c for c in configs if c in merges_at]
+    if not configs:
+        raise UserError("no (size, proposals) left to time: every merge path is limited to other configs")
     machine = machine_info(options.threads)
 
     statuses = {name: backend_status(name) for name in names}
     _preimport({parsed.family for parsed, reason, _ in statuses.values() if not reason})
     runnable = [n for n in names if not statuses[n][1]]
 
-    folders: dict[tuple[int, int], Path] = {}
-    variant_problems: dict[tuple[int, int], dict[str, tuple[str, str]]] = {}
+    folders: dict[tuple[int, int, str], Path] = {}
+    activations: dict[tuple[int, int, str], str] = {}
+    variant_problems: dict[tuple[int, int, str], dict[str, tuple[str, str]]] = {}
     for size, proposals in configs:
-        if (size, proposals) == native:
-            folders[(size, proposals)] = model_dir
-            continue
-        try:
-            chosen = [n for n in _for_config(names, (size, proposals), options) if n in runnable]
-            path, problems = prepare_variant(model_dir, size, proposals, chosen, options.calib, say)
-        except MaskconverError as exc:
-            raise UserError(f"cannot prepare variant {variant_name(size, proposals)}: {_first_line(exc)}", model_dir) from None
-        folders[(size, proposals)] = path
-        variant_problems[(size, proposals)] = problems
+        for index, merge in enumerate(merges_at[(size, proposals)]):
+            key = (size, proposals, merge)
+            if (size, proposals) == native and merge == native_merge:
+                folders[key], activations[key] = model_dir, str(meta.mask_activation)
+                continue
+            graphs = GRAPHS if index == 0 and options.network_alone else GRAPHS[:1]  # the raw graph: once a group
+            label = variant_name(size, proposals, merge if merge != native_merge else None)
+            try:
+                chosen = [n for n in _for_config(names, key, options, native_merge) if n in runnable]
+                path, problems = prepare_variant(model_dir, size, proposals, chosen, options.calib, say, merge, graphs)
+            except MaskconverError as exc:
+                raise UserError(f"cannot prepare variant {label}: {_first_line(exc)}", model_dir) from None
+            folders[key], activations[key] = path, str(ModelDir(path).meta.mask_activation)
+            variant_problems[key] = problems
 
     peaks = []
     for threads in options.threads:
@@ -597,25 +659,31 @@ def run_bench(model_dir: str | Path, options: BenchOptions, log: Log | None = No
             image = bench_image(tuple(meta.input_size) if config == native else (size, size), options.seed)
             group: list[BenchEntry] = []
             slots: list[_Slot] = []
-            for name in names if config == native else _for_config(names, config, options):
-                parsed, reason, hint = statuses[name]
-                for graph in GRAPHS if options.network_alone else GRAPHS[:1]:
-                    entry = _new_entry(parsed, name, graph, size, proposals, threads)
-                    entry.macs = macs[config]
-                    floor = 2.0 * entry.macs["total"] / (peak_by_threads[threads] * 1e9) * 1e3
-                    entry.floor_ms = round(floor, 4)
-                    group.append(entry)
-                    problem = variant_problems.get(config, {}).get(name)
-                    if reason:
-                        entry.status, entry.reason, entry.hint = STATUS_SKIPPED, reason, hint
-                        continue
-                    if problem:
-                        entry.status, entry.reason = problem
-                        continue
-                    say(f"opening {name} ({graph}, {size}px, N={proposals}, threads {threads or 'default'})")
-                    slot = _open_slot(entry, folders[config], image, options.warmup)
-                    if slot is not None:
-                        slots.append(slot)
+            for merge in merges_at[config]:
+                key = (size, proposals, merge)
+                chosen = names if (config, merge) == (native, native_merge) else _for_config(names, key, options, native_merge)
+                for name in chosen:
+                    parsed, reason, hint = statuses[name]
+                    # the raw graph has no merge in it: timed once a group, from the group's first merge path
+                    first = merge == merges_at[config][0]
+                    graphs = GRAPHS if options.network_alone and first else GRAPHS[:1]
+                    for graph in graphs:
+                        entry = _new_entry(parsed, name, graph, size, proposals, threads, merge, activations[key])
+                        entry.macs = macs[config]
+                        floor = 2.0 * entry.macs["total"] / (peak_by_threads[threads] * 1e9) * 1e3
+                        entry.floor_ms = round(floor, 4)
+                        group.append(entry)
+                        problem = variant_problems.get(key, {}).get(name)
+                        if reason:
+                            entry.status, entry.reason, entry.hint = STATUS_SKIPPED, reason, hint
+                            continue
+                        if problem:
+                            entry.status, entry.reason = problem
+                            continue
+                        say(f"opening {name} ({graph}, {size}px, N={proposals}, merge {merge}, threads {threads or 'default'})")
+                        slot = _open_slot(entry, folders[key], image, options.warmup)
+                        if slot is not None:
+                            slots.append(slot)
             say(f"timing {len(slots)} runners interleaved, {options.runs} rounds")
             time_interleaved(slots, options.runs, options.gap_ms / 1e3)
             for slot in slots:
@@ -626,7 +694,7 @@ def run_bench(model_dir: str | Path, options: BenchOptions, log: Log | None = No
             if options.profile and size == configs[0][0]:  # the profile explains the first size's timings
                 for entry in group:
                     if entry.ok and entry.family in ("ort", "ort-mobile"):
-                        say(f"profiling {entry.backend} ({entry.graph})")
+                        say(f"profiling {entry.backend} ({entry.graph}, merge {entry.merge})")
                         try:
                             profiles.append(profile_ort(entry, image, min(options.warmup, 3), max(5, min(options.runs, 20))))
                         except Exception as exc:  # the profile is a diagnosis: its failure is reported, not fatal
@@ -643,6 +711,8 @@ def run_bench(model_dir: str | Path, options: BenchOptions, log: Log | None = No
             "preset": meta.preset,
             "input_size": list(meta.input_size),
             "num_proposals": meta.num_proposals,
+            "merge": native_merge,
+            "mask_activation": str(meta.mask_activation),
             "checkpoint_sha256": getattr(meta, "checkpoint_sha256", ""),
             "params": count_params_of(meta),
             "macs": macs[native] if native in macs else count_macs_at(meta, tuple(meta.input_size), native[1]),
@@ -651,8 +721,9 @@ def run_bench(model_dir: str | Path, options: BenchOptions, log: Log | None = No
         protocol={
             "warmup": options.warmup,
             "runs": options.runs,
-            "order": "runners of one (size, proposals, threads) group interleaved round-robin, the starting runner "
-                     f"rotated every round, a {options.gap_ms:g} ms pause before every timed call (so the previous "
+            "order": "runners of one (size, proposals, threads) group, every merge path of it included, interleaved "
+                     "round-robin, the starting runner rotated every round, a "
+                     f"{options.gap_ms:g} ms pause before every timed call (so the previous "
                      "runtime's spinning worker threads have parked); warm-up per runner before timing",
             "gap_ms": options.gap_ms,
             "span": SPAN_END_TO_END,
@@ -660,6 +731,7 @@ def run_bench(model_dir: str | Path, options: BenchOptions, log: Log | None = No
             "memory_method": MEMORY_METHOD if probe_ok else MEMORY_METHOD_FALLBACK,
             "image": f"synthetic scene (data.synthetic.generate_scene seed {options.seed}, image 0) at the input size",
             "configs": [list(c) for c in configs],
+            "merges": {f"{c[0]}x{c[1]}": merges_at[c] for c in configs},
             "threads": list(options.threads),
         },
         peak=peaks,
@@ -670,9 +742,13 @@ def run_bench(model_dir: str | Path, options: BenchOptions, log: Log | None = No
     return result
 
 
-def _for_config(names: list[str], config: tuple[int, int], options: BenchOptions) -> list[str]:
-    """The backends timed at a (size, proposals) other than the model folder's own (torch always: the baseline)."""
-    chosen = (options.config_backends or {}).get(config)
+def _for_config(names: list[str], config: tuple[int, ...], options: BenchOptions, native_merge: str = DEFAULT_MERGE) -> list[str]:
+    """The backends timed at a (size, proposals[, merge]) other than the model folder's own (torch always: the
+    baseline). A (size, proposals, merge) key of `config_backends` wins over its (size, proposals) key."""
+    table = options.config_backends or {}
+    chosen = table.get(tuple(config))
+    if chosen is None and len(config) == 3:
+        chosen = table.get(tuple(config[:2]))
     if chosen is None:
         return list(names)
     return [n for n in names if n in chosen or n == "torch"]
@@ -680,15 +756,17 @@ def _for_config(names: list[str], config: tuple[int, int], options: BenchOptions
 
 def _fill_speedups(group: list[BenchEntry]) -> None:
     """speed-up = median(torch) / median(entry) (and the same against torch-compile) for entries of the same graph
-    in one interleaved group."""
+    and merge path in one interleaved group."""
     for graph in GRAPHS:
-        ref = next((e for e in group if e.backend == "torch" and e.graph == graph and e.ok), None)
-        compiled = next((e for e in group if e.backend == "torch-compile" and e.graph == graph and e.ok), None)
-        for e in group:
-            if e.graph == graph and e.ok and ref is not None:
-                e.speedup_vs_torch = round(ref.median_ms / e.median_ms, 4)
-            if e.graph == graph and e.ok and compiled is not None:
-                e.speedup_vs_torch_compile = round(compiled.median_ms / e.median_ms, 4)
+        for merge in dict.fromkeys(e.merge for e in group if e.graph == graph):
+            same = [e for e in group if e.graph == graph and e.merge == merge]
+            ref = next((e for e in same if e.backend == "torch" and e.ok), None)
+            compiled = next((e for e in same if e.backend == "torch-compile" and e.ok), None)
+            for e in same:
+                if e.ok and ref is not None:
+                    e.speedup_vs_torch = round(ref.median_ms / e.median_ms, 4)
+                if e.ok and compiled is not None:
+                    e.speedup_vs_torch_compile = round(compiled.median_ms / e.median_ms, 4)
 
 
 def summary_rows(result: BenchResult) -> list[dict[str, Any]]:
@@ -697,6 +775,7 @@ def summary_rows(result: BenchResult) -> list[dict[str, Any]]:
     for e in result.entries:
         row: dict[str, Any] = {
             "backend": e.backend,
+            "merge": e.merge if e.graph == "panoptic" else "-",
             "graph": "end to end" if e.graph == "panoptic" else "network",
             "size": e.size,
             "N": e.proposals,

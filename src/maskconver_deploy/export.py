@@ -121,12 +121,17 @@ def export_variant(
     input_size: tuple[int, int],
     num_proposals: int,
     force: bool = False,
+    merge: str | None = None,
+    mask_activation: str | None = None,
 ) -> ModelDir:
     """The same weights (source/reference.pt) exported at another input size / proposal count into `target`.
 
-    The variant keeps the source's checkpoint_sha256 and its merge path, so both name the same trained weights and
-    compute the same post-processing.
+    The variant keeps the source's checkpoint_sha256 and, unless `merge` is given, its merge path and mask
+    activation, so both name the same trained weights and compute the same post-processing. With `merge` (another
+    path, e.g. for `bench --merge`) the activation is `mask_activation`, or that path's own default.
     """
+    if merge is None:
+        merge, mask_activation = source.meta.merge, source.meta.mask_activation
     return _export(
         source.reference_path(),
         Path(target),
@@ -136,8 +141,8 @@ def export_variant(
         force=force,
         checkpoint_sha256=source.meta.checkpoint_sha256 or None,
         variant_of=str(source.path),
-        merge=source.meta.merge,
-        mask_activation=source.meta.mask_activation,
+        merge=merge,
+        mask_activation=mask_activation,
     )
 
 

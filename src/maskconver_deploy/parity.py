@@ -354,7 +354,8 @@ def run_parity(
     return {
         "reference": reference,
         "model_dir": str(model_dir),
-        "model": {"preset": model_meta.preset, "input_size": list(size), "num_proposals": model_meta.num_proposals},
+        "model": {"preset": model_meta.preset, "input_size": list(size), "num_proposals": model_meta.num_proposals,
+                  "merge": model_meta.merge, "mask_activation": model_meta.mask_activation},
         "n_images": len(chosen),
         "tolerances": {**TOLERANCES, "tensor": TENSOR_TOLERANCE},
         "reference_pq": _groups(reference_pq),

@@ -4,6 +4,13 @@ Layout of one run named NAME (`--out reports/NAME`):
     reports/NAME/results/{bench.json, parity.json, eval/*.json, overlays/*.png, pipeline.json}   small, reportable
     reports/NAME/{report.md, report.html, plots/}                                                 the report
     artifacts/pipeline/NAME/{model/, data/}     the exported graphs, compiled artifacts, generated data (not kept)
+Merge paths (model/postprocess.py): the checkpoint's own path goes through every step; each other path of
+`--merges` (default input, feature and input-legacy) is exported into the model folder's variants/
+(s<size>-n<N>-<merge>/) and built for the fp32 ONNX Runtime and TFLite backends only; it gets fp32 parity against
+the PyTorch reference of the same path, PQ with ONNX Runtime on the same images (eval/<backend>@<merge>.json) and
+timings at the model's N and at 100 proposals, interleaved with the own path's. `input-legacy` (the `input` path's
+earlier formulation, the same answer) is only timed, at 100 proposals: the report compares the post-processing
+times of the two formulations measured in the same run.
 Backends that cannot run here are listed as skipped with their reason and install hint; a backend whose build
 fails is listed as failed and the run goes on, and so does a step that fails after the export (its error is
 recorded). The run ends with the report written and `failures()` listing every build, parity verdict, evaluation,
@@ -34,6 +41,7 @@ from maskconver_deploy.results import (
     STATUS_FAILED,
     STATUS_OK,
     STATUS_SKIPPED,
+    LEGACY_MERGE,
     BenchResult,
     EvalRun,
     PipelineRecord,
@@ -55,6 +63,9 @@ BENCH_SIZES = (256, 384, 640)
 BENCH_PROPOSALS = (100, 50, 20, 15, 10)
 SWEEP_BACKENDS = ("torch", "ort")  # timed at the other sizes / proposal counts (compiling TFLite there costs minutes)
 TARGET_PROPOSALS = 100  # the post-processing target is checked at 100 proposals: every fp32 runtime is timed there
+MERGES = ("input", "feature", LEGACY_MERGE)  # merge paths built and measured (the checkpoint's own first)
+PATH_FAMILIES = ("ort", "tflite")  # the backends another merge path is built for (fp32 only)
+TIMED_ONLY_MERGES = (LEGACY_MERGE,)  # timed for the post-processing comparison, neither checked nor evaluated
 STEPS = ("data", "export", "compile", "parity", "eval", "bench", "overlays", "report")
 ESSENTIAL_STEPS = ("data", "export")  # nothing after them can run without them: their failure ends the run
 
@@ -74,6 +85,7 @@ class PipelineOptions:
     sizes: Sequence[int] | None = None
     proposals: Sequence[int] | None = None
     work: Path | None = None
+    merges: Sequence[str] | None = None  # None: MERGES
 
 
 @dataclass
@@ -86,10 +98,11 @@ class BackendState:
     hint: str = ""
     compile_s: float = 0.0
     artifacts: dict[str, str] = field(default_factory=dict)
+    merge: str = ""  # merge path of the artifacts
 
     def to_dict(self) -> dict[str, Any]:
-        return {"backend": self.name, "status": self.status, "reason": self.reason, "hint": self.hint,
-                "compile_s": round(self.compile_s, 2), "artifacts": self.artifacts}  # fmt: skip
+        return {"backend": self.name, "merge": self.merge, "status": self.status, "reason": self.reason,
+                "hint": self.hint, "compile_s": round(self.compile_s, 2), "artifacts": self.artifacts}  # fmt: skip
 
 
 class Steps:
@@ -189,6 +202,9 @@ class Pipeline:
         self.eval_failures: dict[str, str] = {}
         self.calib_problem = ""
         self.step_records: list[dict[str, Any]] = []
+        self.path_states: dict[str, dict[str, BackendState]] = {}  # other merge path -> backend -> its build
+        self.path_dirs: dict[str, Path] = {}  # other merge path -> its variant folder at the model's own setting
+        self.path_failures: list[str] = []  # builds, parity runs, evaluations of the other paths that failed
 
     # -- helpers ------------------------------------------------------------------------------------------------
     @property
@@ -205,6 +221,27 @@ class Pipeline:
 
     def ok_backends(self) -> list[str]:
         return [name for name, state in self.states.items() if state.status == STATUS_OK]
+
+    @property
+    def native_merge(self) -> str:
+        return str(self.meta.merge) if self.meta is not None else MERGES[0]
+
+    def other_merges(self) -> list[str]:
+        """Merge paths besides the checkpoint's own, in the order asked for."""
+        return [m for m in dict.fromkeys(self.o.merges or MERGES) if m != self.native_merge]
+
+    def checked_merges(self) -> list[str]:
+        """Other merge paths that get parity and evaluation (not only timings)."""
+        return [m for m in self.other_merges() if m not in TIMED_ONLY_MERGES]
+
+    def path_backends(self) -> list[str]:
+        """The fp32 ONNX Runtime / TFLite backends built here: what the other merge paths are built for."""
+        from maskconver_deploy.backends import parse_backend
+
+        return [n for n in self.ok_backends() if parse_backend(n).family in PATH_FAMILIES and self.precision_of(n) == "fp32"]
+
+    def path_ok(self, merge: str) -> list[str]:
+        return [n for n, s in self.path_states.get(merge, {}).items() if s.status == STATUS_OK]
 
     def check_inputs(self) -> None:
         if not self.o.checkpoint.is_file():
@@ -302,9 +339,44 @@ class Pipeline:
                     state.artifacts["raw_error"] = f"{type(exc).__name__}: {_first_line(exc)}"
             state.compile_s = time.perf_counter() - start
             self.log(f"    {name}: {state.status} ({state.compile_s:.1f} s){' ' + state.reason if state.reason else ''}")
+        for state in self.states.values():
+            state.merge = self.native_merge
         built = [n for n in self.ok_backends() if not n.startswith("torch")]
+        paths = self._compile_paths()
         return f"{len(built)} built, {sum(s.status == STATUS_SKIPPED for s in self.states.values())} skipped, " \
-               f"{sum(s.status == STATUS_FAILED for s in self.states.values())} failed"
+               f"{sum(s.status == STATUS_FAILED for s in self.states.values())} failed" + paths
+
+    def _compile_paths(self) -> str:
+        """Export and build the other checked merge paths at the model's own size and N (fp32 ORT / TFLite)."""
+        from maskconver_deploy.bench import prepare_variant
+        from maskconver_deploy.modeldir import ModelDir
+
+        size, n = int(self.meta.input_size[0]), int(self.meta.num_proposals)
+        names = self.path_backends()
+        parts = []
+        for merge in self.checked_merges():
+            start = time.perf_counter()
+            states = self.path_states[merge] = {name: BackendState(name, merge=merge) for name in names}
+            try:
+                folder, problems = prepare_variant(self.model_dir, size, n, names, None, lambda m: self.log("    " + m),
+                                                   merge=merge, graphs=("panoptic",))  # fmt: skip
+            except Exception as exc:  # noqa: BLE001 - this path's failure; the own path goes on
+                for state in states.values():
+                    state.status, state.reason = STATUS_FAILED, f"export of the {merge} path failed: {_first_line(exc)}"
+                self.path_failures.append(f"export {merge} path: {_first_line(exc)}")
+                continue
+            self.path_dirs[merge] = folder
+            variant = ModelDir(folder)
+            for name, state in states.items():
+                if name in problems:
+                    state.status, state.reason = problems[name]
+                else:
+                    state.artifacts["panoptic"] = str(variant.artifact_path(name, "panoptic"))
+            seconds = time.perf_counter() - start
+            for state in states.values():
+                state.compile_s = seconds / max(len(states), 1)
+            parts.append(f"{merge} path: {len(self.path_ok(merge))}/{len(names)} built")
+        return ("; " + ", ".join(parts)) if parts else ""
 
     def step_parity(self) -> str:
         from maskconver_deploy import parity as parity_mod
@@ -313,7 +385,27 @@ class Pipeline:
         calib = None if self.calib_problem else self.calib
         result = parity_mod.run_parity(self.model_dir, candidates, records=self.records, meta=self.dataset_meta,
                                        calib=calib, threads=self.o.threads)  # fmt: skip
+        for c in result.get("candidates", []):
+            c["merge"] = self.native_merge
+        result["merge"] = self.native_merge
+        result["paths"] = {}
         self.parity = result
+        write_json(self.results / PARITY_FILE, result, force=True)
+        for merge in self.checked_merges():
+            names = self.path_ok(merge)
+            if not names or merge not in self.path_dirs:
+                continue
+            try:  # fp32 parity of the path's artifacts against the PyTorch reference of the same path
+                other = parity_mod.run_parity(self.path_dirs[merge], names, records=self.records,
+                                              meta=self.dataset_meta, threads=self.o.threads)  # fmt: skip
+            except Exception as exc:  # noqa: BLE001 - recorded; the own path's verdicts stand
+                self.path_failures.append(f"parity {merge} path: {type(exc).__name__}: {_first_line(exc)}")
+                continue
+            for c in other.get("candidates", []):
+                c["merge"] = merge
+                result["candidates"].append(c)
+            result["paths"][merge] = {"model_dir": other.get("model_dir"), "reference_pq": other.get("reference_pq"),
+                                      "n_images": other.get("n_images")}  # fmt: skip
         write_json(self.results / PARITY_FILE, result, force=True)
         verdicts = [c.get("verdict", "?") for c in result.get("candidates", [])]
         return ", ".join(f"{v} x{verdicts.count(v)}" for v in sorted(set(verdicts))) or "no candidates"
@@ -333,12 +425,38 @@ class Pipeline:
                 self.log(f"    eval {name} failed: {self.eval_failures[name]}")
                 continue
             run = EvalRun.from_result(name, int(self.meta.input_size[0]), int(self.meta.num_proposals), result,
-                                      self.data_info.get("dir", ""))  # fmt: skip
+                                      self.data_info.get("dir", ""), self.native_merge,
+                                      str(self.meta.mask_activation))  # fmt: skip
             self.evals[name] = run
             run.save(self.results / EVAL_DIR / f"{eval_key(name, None, None)}.json", force=True)
             done.append(f"{name} {run.pq:.1f}")
+        done += self._eval_paths()
         failed = f"; {len(self.eval_failures)} failed" if self.eval_failures else ""
         return "PQ " + ", ".join(done) + failed
+
+    def _eval_paths(self) -> list[str]:
+        """PQ of each other checked merge path with ONNX Runtime (fp32), on the same images."""
+        from maskconver_deploy import backends
+        from maskconver_deploy.evaluate import evaluate_runner
+
+        done = []
+        for merge in self.checked_merges():
+            if "ort" not in self.path_ok(merge):
+                continue
+            key = eval_key("ort", None, None, merge)
+            try:
+                with backends.open_runner("ort", model_dir=self.path_dirs[merge], threads=self.o.threads) as runner:
+                    result = evaluate_runner(runner, self.records, self.dataset_meta)
+                    activation = str(runner.meta.mask_activation)
+            except Exception as exc:  # noqa: BLE001 - this path's failure; the others are evaluated
+                self.eval_failures[key] = f"{type(exc).__name__}: {_first_line(exc)}"
+                continue
+            run = EvalRun.from_result("ort", int(self.meta.input_size[0]), int(self.meta.num_proposals), result,
+                                      self.data_info.get("dir", ""), merge, activation)  # fmt: skip
+            self.evals[key] = run
+            run.save(self.results / EVAL_DIR / f"{key}.json", force=True)
+            done.append(f"ort [{merge}] {run.pq:.1f}")
+        return done
 
     def _bench_plan(self) -> tuple[list[int] | None, list[int] | None]:
         native_size, native_n = int(self.meta.input_size[0]), int(self.meta.num_proposals)
@@ -364,6 +482,11 @@ class Pipeline:
                 per_config[config] = [n for n in names if self.precision_of(n) == "fp32"]
             elif config != native:
                 per_config[config] = [n for n in names if n in SWEEP_BACKENDS]
+        merges, merge_configs = self._bench_merges(native, sizes, proposals)
+        path_names = self.path_backends()
+        for merge, where in merge_configs.items():
+            for config in where:
+                per_config[(config[0], config[1], merge)] = path_names
         options = BenchOptions(
             backends=names,
             config_backends=per_config,
@@ -375,12 +498,35 @@ class Pipeline:
             profile=True,
             calib=self.calib,
             peak_matrix=512 if self.o.quick else 1536,
+            merges=merges,
+            merge_configs=merge_configs,
         )
         self.bench = run_bench(self.model_dir, options, log=lambda m: self.log("    " + m))
         self.bench.save(self.results / BENCH_FILE, force=True)
         self._eval_variants()
         timed = sum(e.ok for e in self.bench.entries)
         return f"{timed} timings, {len(self.bench.profiles)} profiles, {self.bench.seconds:.0f} s"
+
+    def _bench_merges(self, native: tuple[int, int], sizes: list[int] | None,
+                      proposals: list[int] | None) -> tuple[list[str], dict[str, list[tuple[int, int]]]]:  # fmt: skip
+        """Merge paths to time and where: a checked path at the model's N (its PQ's latency) and at 100 proposals
+        (the post-processing target), input-legacy at 100 proposals; --quick: at the model's own setting only."""
+        from maskconver_deploy.bench import plan_configs
+
+        planned = plan_configs(native, sizes, proposals, grid=False)
+        target = (native[0], TARGET_PROPOSALS)
+        merges = [self.native_merge]
+        where: dict[str, list[tuple[int, int]]] = {}
+        for merge in self.other_merges():
+            if merge in TIMED_ONLY_MERGES:
+                chosen = [target] if target in planned else [native]
+            else:
+                if merge not in self.path_dirs or not self.path_ok(merge):
+                    continue  # not built (its failure is recorded): not timed
+                chosen = [c for c in dict.fromkeys([native, target]) if c in planned]
+            merges.append(merge)
+            where[merge] = chosen
+        return merges, where
 
     def _eval_variants(self) -> None:
         """PQ at the other proposal counts (paper Table 3), with the fastest exact fp32 runtime there."""
@@ -390,7 +536,8 @@ class Pipeline:
 
         assert self.bench is not None
         size = int(self.meta.input_size[0])
-        counts = sorted({e.proposals for e in self.bench.entries if e.size == size and e.proposals != self.meta.num_proposals})
+        counts = sorted({e.proposals for e in self.bench.entries if e.size == size and e.proposals != self.meta.num_proposals
+                         and e.merge == self.native_merge})
         evaluator = "ort" if "ort" in self.ok_backends() else "torch"
         for n in counts:
             folder = self.model_dir / VARIANTS_DIR / variant_name(size, n)
@@ -399,7 +546,8 @@ class Pipeline:
             runner = backends.open_runner(evaluator, model_dir=folder, threads=self.o.threads)
             with runner:
                 result = evaluate_runner(runner, self.records, self.dataset_meta)
-            run = EvalRun.from_result(evaluator, size, n, result, self.data_info.get("dir", ""))
+            run = EvalRun.from_result(evaluator, size, n, result, self.data_info.get("dir", ""), self.native_merge,
+                                      str(self.meta.mask_activation))  # fmt: skip
             run.save(self.results / EVAL_DIR / f"{eval_key(evaluator, size, n)}.json", force=True)
             self.log(f"    PQ at {n} proposals ({evaluator}): {run.pq:.2f}")
 
@@ -450,19 +598,23 @@ class Pipeline:
             if c.get("verdict") in ("fail", "error"):
                 lines.append(f"parity {c.get('backend')}: {c.get('verdict')}: {c.get('reason', '')}")
         lines += [f"eval {name}: {reason}" for name, reason in self.eval_failures.items()]
+        lines += list(self.path_failures)
+        lines += [f"build {s.name} [{m}]: {s.reason}" for m, states in self.path_states.items()
+                  for s in states.values() if s.status == STATUS_FAILED]  # fmt: skip
         if self.bench is not None:
             seen = set()
             for e in self.bench.entries:
-                if e.status == STATUS_FAILED and (e.backend, e.graph) not in seen:
-                    seen.add((e.backend, e.graph))
-                    lines.append(f"bench {e.backend} ({e.graph}, {e.size}px, N={e.proposals}): {e.reason}")
+                if e.status == STATUS_FAILED and (e.backend, e.graph, e.merge) not in seen:
+                    seen.add((e.backend, e.graph, e.merge))
+                    lines.append(f"bench {e.backend} ({e.graph}, {e.size}px, N={e.proposals}, merge {e.merge}): {e.reason}")
         return lines
 
     # -- driver -------------------------------------------------------------------------------------------------
     def record(self, steps: list[dict[str, Any]], seconds: float) -> PipelineRecord:
         model = {}
         if self.meta is not None:
-            model = {"preset": self.meta.preset, "input_size": list(self.meta.input_size), "num_proposals": self.meta.num_proposals}
+            model = {"preset": self.meta.preset, "input_size": list(self.meta.input_size), "num_proposals": self.meta.num_proposals,
+                     "merge": self.native_merge, "mask_activation": str(self.meta.mask_activation)}
         if self.bench is not None:
             model |= {"params": self.bench.model.get("params"), "macs": self.bench.model.get("macs")}
         return PipelineRecord(
@@ -472,9 +624,11 @@ class Pipeline:
             data=self.data_info,
             model=model,
             steps=steps,
-            backends=[s.to_dict() for s in self.states.values()],
+            backends=[s.to_dict() for s in self.states.values()]
+            + [s.to_dict() for states in self.path_states.values() for s in states.values()],
             overlays=self.overlays,
             options={"backends": self.o.backends, "quick": self.o.quick, "threads": self.o.threads,
+                     "merges": [self.native_merge, *self.other_merges()] if self.meta is not None else list(self.o.merges or MERGES),
                      "calibration": str(self.calib) if self.calib else None, "work": str(self.work)},  # fmt: skip
             seconds=round(seconds, 2),
             failures=self.failures(),
@@ -504,25 +658,30 @@ class Pipeline:
 
 
 def summary_rows(pipeline: Pipeline) -> list[dict[str, Any]]:
-    """The terminal's final table: one row per backend."""
+    """The terminal's final table: one row per (backend, merge path) built or skipped."""
     from maskconver_deploy.report import model_proposals, model_size
 
     rows = []
     bench = pipeline.bench
-    parity = {c.get("backend"): c for c in (pipeline.parity or {}).get("candidates", [])}
+    parity = {(c.get("backend"), c.get("merge") or pipeline.native_merge): c
+              for c in (pipeline.parity or {}).get("candidates", [])}  # fmt: skip
     ref = pipeline.evals.get("torch")
-    for name, state in pipeline.states.items():
-        row: dict[str, Any] = {"backend": name, "status": state.status}
+    states = [(pipeline.native_merge, s) for s in pipeline.states.values()]
+    states += [(m, s) for m, by_name in pipeline.path_states.items() for s in by_name.values()]
+    for merge, state in states:
+        name = state.name
+        row: dict[str, Any] = {"backend": name, "merge": merge, "status": state.status}
         if state.status != STATUS_OK:
             row["note"] = state.reason + (f" ({state.hint})" if state.hint else "")
             rows.append(row)
             continue
-        run = pipeline.evals.get(name)
+        native = merge == pipeline.native_merge
+        run = pipeline.evals.get(name if native else eval_key(name, None, None, merge))
         row["PQ"] = run.pq if run else None
         row["ΔPQ"] = (run.pq - ref.pq) if run and ref else None
-        row["parity"] = parity.get(name, {}).get("verdict", "reference" if name == "torch" else "-")
+        row["parity"] = parity.get((name, merge), {}).get("verdict", "reference" if name == "torch" else "-")
         if bench is not None:
-            e = bench.find(name, "panoptic", model_size(bench), model_proposals(bench), pipeline.o.threads)
+            e = bench.find(name, "panoptic", model_size(bench), model_proposals(bench), pipeline.o.threads, merge)
             if e is not None:
                 row["median ms"] = e.median_ms
                 row["vs torch"] = e.speedup_vs_torch

@@ -25,6 +25,11 @@ BENCH_FORMAT = "maskconver-bench/1"
 EVAL_FORMAT = "maskconver-eval-run/1"
 PIPELINE_FORMAT = "maskconver-pipeline/1"
 
+# The merge path every result written before the merge paths existed was measured on (model/postprocess.py).
+DEFAULT_MERGE = "input"
+DEFAULT_ACTIVATION = "hard-sigmoid"
+LEGACY_MERGE = "input-legacy"  # the `input` path's earlier formulation: timed only to measure the speed-up
+
 BENCH_FILE = "bench.json"
 PARITY_FILE = "parity.json"
 PIPELINE_FILE = "pipeline.json"
@@ -121,6 +126,8 @@ class BenchEntry:
     speedup_vs_torch: float | None = None  # median(torch) / median(this), same graph/size/proposals/threads
     speedup_vs_torch_compile: float | None = None  # median(torch-compile) / median(this), likewise
     compile_s: float | None = None  # torch-compile: the compiling first call in open(), never in the latency
+    merge: str = DEFAULT_MERGE  # merge path of the artifact's post-processing (ModelMeta.merge)
+    mask_activation: str = DEFAULT_ACTIVATION  # its mask activation (ModelMeta.mask_activation)
 
     @property
     def ok(self) -> bool:
@@ -130,9 +137,15 @@ class BenchEntry:
     def median_ms(self) -> float | None:
         return self.latency_ms.median if self.latency_ms is not None else None
 
-    def config(self) -> tuple[str, int, int, int | None]:
-        """(graph, size, proposals, threads): entries with the same config were timed interleaved."""
-        return (self.graph, self.size, self.proposals, self.threads)
+    def config(self) -> tuple[str, int, int, int | None, str]:
+        """(graph, size, proposals, threads, merge): entries with the same config are comparable (every merge path
+        of one (size, proposals, threads) is timed in the same interleaved group)."""
+        return (self.graph, self.size, self.proposals, self.threads, self.merge)
+
+    @property
+    def path_label(self) -> str:
+        """'input/hard-sigmoid': the merge path and mask activation in one label."""
+        return f"{self.merge}/{self.mask_activation}"
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -140,9 +153,13 @@ class BenchEntry:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> BenchEntry:
+    def from_dict(cls, d: dict[str, Any], merge: str = DEFAULT_MERGE, mask_activation: str = DEFAULT_ACTIVATION) -> BenchEntry:
+        """`merge` / `mask_activation`: what an entry without them was timed on (files written before the merge
+        paths existed: the model folder's own path, `input`/hard-sigmoid)."""
         known = set(cls.__dataclass_fields__)
         values = {k: v for k, v in d.items() if k in known}
+        values["merge"] = str(values.get("merge") or merge)
+        values["mask_activation"] = str(values.get("mask_activation") or mask_activation)
         if values.get("latency_ms") is not None:
             values["latency_ms"] = LatencyStats.from_dict(values["latency_ms"])
         return cls(**values)
@@ -171,6 +188,7 @@ class ProfileResult:
     node_ms_per_run: float  # sum of node events per run
     run_ms_per_run: float | None  # model_run events per run (includes the executor's overhead)
     op_types: list[OpShare] = field(default_factory=list)
+    merge: str = ""  # merge path of the profiled artifact ("": the model folder's own)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -216,14 +234,17 @@ class BenchResult:
         if d.get("format") != BENCH_FORMAT:
             raise UserError(f"not a bench result (expected format '{BENCH_FORMAT}')", path)
         try:
+            model = dict(d.get("model") or {})
+            merge = str(model.get("merge") or DEFAULT_MERGE)
+            activation = str(model.get("mask_activation") or DEFAULT_ACTIVATION)
             return cls(
                 created=str(d.get("created", "")),
                 model_dir=str(d.get("model_dir", "")),
-                model=dict(d.get("model") or {}),
+                model=model,
                 machine=dict(d.get("machine") or {}),
                 protocol=dict(d.get("protocol") or {}),
                 peak=list(d.get("peak") or []),
-                entries=[BenchEntry.from_dict(e) for e in d.get("entries", [])],
+                entries=[BenchEntry.from_dict(e, merge, activation) for e in d.get("entries", [])],
                 profiles=[ProfileResult.from_dict(p) for p in d.get("profiles", [])],
                 seconds=float(d.get("seconds", 0.0)),
             )
@@ -241,13 +262,37 @@ class BenchResult:
         return cls.from_dict(data, path)
 
     # -- look-ups used by the report and the consistency checks ----------------------------------------------
+    @property
+    def native_merge(self) -> str:
+        """The merge path of the benchmarked model folder itself."""
+        return str(self.model.get("merge") or DEFAULT_MERGE)
+
+    def merges(self) -> list[str]:
+        """Merge paths timed, the model folder's own first, then in first-seen order."""
+        seen: dict[str, None] = {self.native_merge: None} if any(e.merge == self.native_merge for e in self.entries) else {}
+        for e in self.entries:
+            seen.setdefault(e.merge, None)
+        return list(seen)
+
     def find(
         self, backend: str, graph: str = "panoptic", size: int | None = None, proposals: int | None = None,
-        threads: int | None | str = "any",
+        threads: int | None | str = "any", merge: str | None = None,
     ) -> BenchEntry | None:
-        """The first timed entry matching; `threads="any"` matches any thread setting."""
+        """The first timed entry matching; `threads="any"` matches any thread setting; `merge` None: the model
+        folder's own path. The raw graph (network alone) has no merge in it: for graph "raw" an entry of the
+        asked path is preferred and any path's is taken otherwise (bench times it once per group)."""
+        wanted = merge or self.native_merge
+        found = self._find(backend, graph, size, proposals, threads, wanted)
+        if found is None and graph == "raw":
+            found = self._find(backend, graph, size, proposals, threads, None)
+        return found
+
+    def _find(self, backend: str, graph: str, size: int | None, proposals: int | None, threads: int | None | str,
+              merge: str | None) -> BenchEntry | None:  # fmt: skip
         for e in self.entries:
             if e.backend != backend or e.graph != graph or not e.ok:
+                continue
+            if merge is not None and e.merge != merge:
                 continue
             if size is not None and e.size != size:
                 continue
@@ -265,9 +310,12 @@ class BenchResult:
             seen.setdefault(e.backend, None)
         return list(seen)
 
-    def profile_for(self, backend: str, size: int, proposals: int, threads: int | None, graph: str = "panoptic") -> ProfileResult | None:
+    def profile_for(self, backend: str, size: int, proposals: int, threads: int | None, graph: str = "panoptic",
+                    merge: str | None = None) -> ProfileResult | None:  # fmt: skip
+        wanted = merge or self.native_merge
         for p in self.profiles:
-            if (p.backend, p.graph, p.size, p.proposals, p.threads) == (backend, graph, size, proposals, threads):
+            if (p.backend, p.graph, p.size, p.proposals, p.threads) == (backend, graph, size, proposals, threads) \
+                    and (p.merge or self.native_merge) == wanted:
                 return p
         return None
 
@@ -287,6 +335,7 @@ class ParityRow:
     pq_reference: float | None = None
     delta_pq: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)  # tensor / decision sections as written
+    merge: str | None = None  # merge path of the candidate and its reference (None: the model folder's own)
 
 
 def load_parity(path: str | Path) -> list[ParityRow]:
@@ -309,6 +358,7 @@ def load_parity(path: str | Path) -> list[ParityRow]:
                 pq_reference=_num(metric.get("pq_reference")),
                 delta_pq=_num(metric.get("delta_pq")),
                 extra={k: c[k] for k in ("tensor", "decision") if k in c},
+                merge=str(c["merge"]) if c.get("merge") else None,
             )
         )
     return rows
@@ -336,6 +386,8 @@ class EvalRun:
     mask_ap: float | None = None  # COCO mask AP of the thing classes (percent); None in results without it
     mask_ap50: float | None = None
     mask_ap75: float | None = None
+    merge: str | None = None  # merge path evaluated (None: the model folder's own; files before merge paths)
+    mask_activation: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -343,12 +395,15 @@ class EvalRun:
             "backend": self.backend,
             "size": self.size,
             "proposals": self.proposals,
+            "merge": self.merge,
+            "mask_activation": self.mask_activation,
             "data": self.data,
             "result": self.result,
         }
 
     @classmethod
-    def from_result(cls, backend: str, size: int | None, proposals: int | None, result: dict[str, Any], data: str = "") -> EvalRun:
+    def from_result(cls, backend: str, size: int | None, proposals: int | None, result: dict[str, Any], data: str = "",
+                    merge: str | None = None, mask_activation: str | None = None) -> EvalRun:  # fmt: skip
         """From `evaluate.evaluate_runner`'s dict ({"pq": {"all", "things", "stuff"...}, "miou", "n_images"})."""
         groups = result.get("pq", result)
         if not isinstance(groups, dict) or "all" not in groups:
@@ -373,6 +428,8 @@ class EvalRun:
             mask_ap=_num(ap.get("ap")),
             mask_ap50=_num(ap.get("ap50")),
             mask_ap75=_num(ap.get("ap75")),
+            merge=merge,
+            mask_activation=mask_activation,
         )
 
     def save(self, path: str | Path, force: bool = False) -> Path:
@@ -386,7 +443,8 @@ class EvalRun:
         try:
             if data.get("format") == EVAL_FORMAT:
                 return cls.from_result(str(data["backend"]), _int(data.get("size")), _int(data.get("proposals")),
-                                       data["result"], str(data.get("data", "")))  # fmt: skip
+                                       data["result"], str(data.get("data", "")), _str(data.get("merge")),
+                                       _str(data.get("mask_activation")))  # fmt: skip
             return cls.from_result(str(data.get("backend", Path(path).stem)), None, None, data)
         except (KeyError, TypeError, ValueError) as exc:
             raise UserError(f"not an evaluation result ({exc})", path) from None
@@ -446,10 +504,22 @@ class ResultsBundle:
     pipeline: PipelineRecord | None = None
     overlays: dict[str, Path] = field(default_factory=dict)
 
-    def eval_for(self, backend: str, size: int | None = None, proposals: int | None = None) -> EvalRun | None:
-        """The evaluation of `backend` at (size, proposals); None in a run matches the model's own setting."""
+    @property
+    def native_merge(self) -> str:
+        return self.bench.native_merge if self.bench is not None else DEFAULT_MERGE
+
+    def _merge_matches(self, have: str | None, merge: str | None) -> bool:
+        """A run's / row's merge against the one asked for (None: the model folder's own; a run without a merge
+        is of the folder's own path)."""
+        native = self.native_merge
+        return (have or native) == (merge or native)
+
+    def eval_for(self, backend: str, size: int | None = None, proposals: int | None = None,
+                 merge: str | None = None) -> EvalRun | None:  # fmt: skip
+        """The evaluation of `backend` at (size, proposals) on merge path `merge`; None in a run matches the
+        model's own setting."""
         for run in self.evals:
-            if run.backend != backend:
+            if run.backend != backend or not self._merge_matches(run.merge, merge):
                 continue
             if size is not None and run.size not in (None, size):
                 continue
@@ -458,9 +528,9 @@ class ResultsBundle:
             return run
         return None
 
-    def parity_for(self, backend: str) -> ParityRow | None:
+    def parity_for(self, backend: str, merge: str | None = None) -> ParityRow | None:
         for row in self.parity:
-            if row.backend == backend:
+            if row.backend == backend and self._merge_matches(row.merge, merge):
                 return row
         return None
 
@@ -494,11 +564,11 @@ def load_results(path: str | Path) -> ResultsBundle:
     return bundle
 
 
-def eval_key(backend: str, size: int | None, proposals: int | None) -> str:
-    """File stem of an evaluation run: 'ort-int8-static' or 'ort@s256-n100'."""
-    if size is None and proposals is None:
-        return backend
-    return f"{backend}@s{size}-n{proposals}"
+def eval_key(backend: str, size: int | None, proposals: int | None, merge: str | None = None) -> str:
+    """File stem of an evaluation run: 'ort-int8-static', 'ort@s256-n100', 'ort@feature' or 'ort@s256-n100@feature'
+    (`merge` given for a path other than the model folder's own)."""
+    key = backend if size is None and proposals is None else f"{backend}@s{size}-n{proposals}"
+    return f"{key}@{merge}" if merge else key
 
 
 def _num(value: Any) -> float | None:
@@ -509,6 +579,10 @@ def _num(value: Any) -> float | None:
     except (TypeError, ValueError):
         return None
     return out if math.isfinite(out) else None
+
+
+def _str(value: Any) -> str | None:
+    return None if value is None or value == "" else str(value)
 
 
 def _int(value: Any) -> int | None:

@@ -177,3 +177,30 @@ def test_profile_parser_keeps_only_the_last_runs() -> None:
     assert math.isclose(run_ms, 0.5)
     assert [s.op_type for s in shares] == ["Conv", "Add"]
     assert math.isclose(sum(s.share for s in shares), 1.0)
+
+
+def test_other_merge_paths_are_exported_and_timed_like_with_like(tiny_model_dir: Path, tmp_path: Path) -> None:
+    from maskconver_deploy.modeldir import ModelDir
+
+    options = BenchOptions(backends=["torch", "ort"], threads=[1], warmup=1, runs=3, peak_matrix=256,
+                           merges=["input", "feature"])  # fmt: skip
+    result = run_bench(tiny_model_dir, options)
+    variant = tiny_model_dir / "variants" / "s64-n10-feature"
+    assert ModelDir(variant).meta.merge == "feature"  # the other path, exported beside the sizes / counts
+    assert result.native_merge == "input" and result.merges() == ["input", "feature"]
+    by_key = {(e.backend, e.graph, e.merge): e for e in result.entries}
+    assert set(by_key) == {("torch", "panoptic", "input"), ("torch", "raw", "input"), ("ort", "panoptic", "input"),
+                           ("ort", "raw", "input"), ("torch", "panoptic", "feature"), ("ort", "panoptic", "feature")}
+    for e in result.entries:
+        assert e.status == STATUS_OK, e.reason
+        assert e.mask_activation == "hard-sigmoid"
+    ort, torch_ref = by_key[("ort", "panoptic", "feature")], by_key[("torch", "panoptic", "feature")]
+    assert ort.artifact.startswith(str(variant))
+    assert ort.speedup_vs_torch == round(torch_ref.median_ms / ort.median_ms, 4)  # against PyTorch of the same path
+    assert result.find("ort", "raw", merge="feature") is by_key[("ort", "raw", "input")]  # the raw graph has no merge
+    saved = result.save(tmp_path / "bench.json")
+    again = BenchResult.load(saved)
+    assert [(e.backend, e.merge) for e in again.entries] == [(e.backend, e.merge) for e in result.entries]
+    runner = CliRunner()
+    bad = runner.invoke(app, ["bench", "--model-dir", str(tiny_model_dir), "--merge", "sideways", "--quick"])
+    assert bad.exit_code == 2 and "unknown merge path 'sideways'" in bad.output

@@ -40,6 +40,22 @@ def test_pipeline_quick_end_to_end(tmp_path: Path) -> None:
     assert bench.find("ort", "panoptic") is not None and bench.find("torch", "raw") is not None
     assert "ort" in done.output and "tensorrt" in done.output  # the final summary table lists skipped ones too
 
+    # the feature merge path: built for fp32 ort, checked against PyTorch of that path, evaluated, timed; and
+    # input-legacy timed beside the input path
+    built = {(b["backend"], b["merge"]): b["status"] for b in record["backends"]}
+    assert built[("ort", "feature")] == "ok" and built[("ort", "input")] == "ok"
+    parity = json.loads((out / "results" / "parity.json").read_text())
+    feature_parity = [c for c in parity["candidates"] if c["merge"] == "feature"]
+    assert [c["backend"] for c in feature_parity] == ["ort"] and feature_parity[0]["verdict"] == "pass"
+    assert bundle.eval_for("ort", merge="feature") is not None and (out / "results" / "eval" / "ort@feature.json").is_file()
+    assert bundle.eval_for("ort", merge="feature").merge == "feature" and bundle.eval_for("ort").merge == "input"
+    timed = {(e.backend, e.graph, e.merge) for e in bench.entries if e.ok}
+    for merge in ("feature", "input-legacy"):
+        assert {("torch", "panoptic", merge), ("ort", "panoptic", merge)} <= timed, merge
+    report = (out / "report.md").read_text()
+    assert "By merge path" in report and "| ort | feature/hard-sigmoid |" in report
+    assert "input path: post-processing time <= 0.5 x input-legacy's" in report
+
     again = runner.invoke(app, args)
     assert again.exit_code == 2 and "already exists" in again.output
     rebuilt = runner.invoke(app, ["report", "--results", str(out), "--out", str(out), "--force"])

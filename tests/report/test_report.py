@@ -59,7 +59,7 @@ def test_tables_match_the_json(report_dir: Path, results_dir: Path) -> None:
     rows = [line for line in markdown.splitlines() if line.startswith("| ")]
     for e in bench.entries:
         if e.ok and e.graph == "panoptic" and e.proposals == 10:
-            row = next(r for r in rows if r.startswith(f"| {e.backend} | fp32 | 64 |"))
+            row = next(r for r in rows if r.startswith(f"| {e.backend} | {e.path_label} | fp32 | 64 |"))
             assert f"| {e.median_ms:.2f} |" in row
             assert f"| {e.speedup_vs_torch:.2f}x |" in row
             pq = EvalRun.load(results_dir / "eval" / f"{e.backend}.json").pq

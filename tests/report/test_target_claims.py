@@ -31,10 +31,10 @@ def _lines(bench: BenchResult, backend: str, words: str):
 def test_a_negative_post_processing_share_is_not_measurable() -> None:
     bench = _bench([_entry("torch", "panoptic", 50, 50.0), _entry("ort", "panoptic", 100, 20.0),
                     _entry("ort", "raw", 100, 21.0)])  # fmt: skip
-    (line,) = _lines(bench, "ort", "post-processing")
+    (line,) = _lines(bench, "ort", "fused post-processing")
     assert line.status == "not measured" and "not measurable in this run" in line.detail
     bench.entries[2] = _entry("ort", "raw", 100, 19.0)  # now the share is 5%: measured, and met
-    (line,) = _lines(bench, "ort", "post-processing")
+    (line,) = _lines(bench, "ort", "fused post-processing")
     assert line.status == "met"
 
 

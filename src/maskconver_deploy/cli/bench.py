@@ -24,6 +24,7 @@ def bench(
     backends: Annotated[str, typer.Option("--backends", "-b", help="Comma list of backends, or 'all'. The PyTorch reference 'torch' is always timed too (the speed-up baseline).")] = "torch,ort",
     sizes: Annotated[Optional[str], typer.Option("--sizes", help="Square input sizes, e.g. 256,384,640 (others than the model folder's are exported into MODEL_DIR/variants/).")] = None,
     proposals: Annotated[Optional[str], typer.Option("--proposals", help="Proposal counts, e.g. 100,50,20,15,10. Sizes are swept at the first count, counts at the first size.")] = None,
+    merge: Annotated[Optional[str], typer.Option("--merge", help="Merge paths to time, a comma list of input, feature, official, input-legacy (default: the model folder's own). Other paths are exported into MODEL_DIR/variants/ and timed in the same interleaved groups, each with PyTorch eager of the same path as its speed-up baseline; the raw graph (network alone) is timed once a group, it has no merge in it.")] = None,
     threads: Annotated[Optional[str], typer.Option("--threads", "-t", help="Thread counts, e.g. 1,2 (default: the cores this process may use).")] = None,
     warmup: Annotated[int, typer.Option("--warmup", min=0, help="Untimed runs per runner before timing.")] = 10,
     runs: Annotated[int, typer.Option("--runs", min=1, help="Timed runs per runner (interleaved rounds).")] = 50,
@@ -42,7 +43,15 @@ def bench(
     Exit code 1 when an artifact that exists could not be timed (it cannot be loaded, is stale, or raised), after
     the table and --json-out are written; backends that cannot run here or are not built are listed as skipped.
     """
-    from maskconver_deploy.bench import QUICK_RUNS, QUICK_WARMUP, BenchOptions, parse_int_list, resolve_backends, run_bench
+    from maskconver_deploy.bench import (
+        QUICK_RUNS,
+        QUICK_WARMUP,
+        BenchOptions,
+        parse_int_list,
+        parse_merges,
+        resolve_backends,
+        run_bench,
+    )
     from maskconver_deploy.cli.console import log, print_json
     from maskconver_deploy.results import STATUS_FAILED
     from maskconver_deploy.fileio import refuse_overwrite
@@ -56,6 +65,7 @@ def bench(
         backends=resolve_backends(backends),
         sizes=parse_int_list(sizes, "--sizes", minimum=32),
         proposals=parse_int_list(proposals, "--proposals"),
+        merges=parse_merges(merge),
         threads=list(thread_list),
         warmup=QUICK_WARMUP if quick else warmup,
         runs=QUICK_RUNS if quick else runs,
@@ -84,9 +94,11 @@ def _print(result: Any) -> None:
     from maskconver_deploy.bench import summary_rows
     from maskconver_deploy.cli.console import log, print_table
 
-    columns = ["backend", "graph", "size", "N", "threads", "status", "median ms", "p90 ms", "min ms", "vs torch",
+    columns = ["backend", "merge", "graph", "size", "N", "threads", "status", "median ms", "p90 ms", "min ms", "vs torch",
                "floor ms", "MB", "peak MB"]  # fmt: skip
-    print_table(summary_rows(result), columns=columns, title=f"maskconver bench: {result.machine.get('cpu')}")
+    title = f"maskconver bench: {result.machine.get('cpu')} (model merge path {result.native_merge}/" \
+            f"{result.model.get('mask_activation', '-')})"
+    print_table(summary_rows(result), columns=columns, title=title)
     for peak in result.peak:
         log(f"float32 matmul peak at {peak['threads'] or 'default'} threads: {peak['gflops']:.1f} GFLOP/s")
     skipped = [e for e in result.entries if not e.ok and e.hint]

@@ -38,6 +38,8 @@ def _print(result: dict[str, Any], as_json: bool, per_class: bool) -> None:
     title = f"PQ on {result['n_images']} images"
     if result.get("backend"):
         title += f" ({result['backend']})"
+    if result.get("merge"):
+        title += f", merge path {result['merge']}/{result.get('mask_activation', '-')}"
     print_table(summary_rows(result), columns=["group", "PQ", "SQ", "RQ", "n"], title=title)
     ap_rows = mask_ap_rows(result)
     if ap_rows:
@@ -129,9 +131,35 @@ def eval_cmd(
                               n=n, threads=threads, save_predictions=save_predictions, gt_json=gt_json, gt_dir=gt_dir,
                               pred_json=pred_json, pred_dir=pred_dir, json_out=json_out, force=force,
                               progress=progress)  # fmt: skip
+    if _tag_merge(result, model_dir, checkpoint) and json_out is not None:
+        from maskconver_deploy.fileio import write_json
+
+        write_json(json_out, result, force=True)  # the file this run just wrote, now with the merge path
     _print(result, as_json, per_class)
     if oracle_centers and not as_json:
         _print_oracle(result)
+
+
+def _tag_merge(result: dict[str, Any], model_dir: Optional[Path], checkpoint: Optional[Path]) -> bool:
+    """Add the evaluated model's merge path and mask activation to the result (printed and in --json);
+    predictions read from folders have none. Returns whether it added them."""
+    if "merge" in result:
+        return False
+    if model_dir is not None:
+        from maskconver_deploy.modeldir import ModelDir
+
+        meta = ModelDir(model_dir).meta
+        result.setdefault("merge", meta.merge)
+        result.setdefault("mask_activation", meta.mask_activation)
+    elif checkpoint is not None:
+        from maskconver_deploy.model.checkpoint import load_checkpoint
+
+        spec = load_checkpoint(checkpoint)[0].spec
+        result.setdefault("merge", spec.merge)
+        result.setdefault("mask_activation", spec.mask_activation)
+    else:
+        return False
+    return True
 
 
 def _print_oracle(result: dict[str, Any]) -> None:

@@ -19,9 +19,11 @@ def list_cmd(model_dir: ModelDirOpt = None, json_out: JsonOpt = False) -> None:
     meta = folder.meta
     if json_out:
         print_json({"model_dir": str(folder.path), "preset": meta.preset, "input_size": list(meta.input_size),
-                    "num_proposals": meta.num_proposals, "graphs": folder.graphs(), "artifacts": rows})  # fmt: skip
+                    "num_proposals": meta.num_proposals, "merge": meta.merge, "mask_activation": meta.mask_activation,
+                    "graphs": folder.graphs(), "artifacts": rows})  # fmt: skip
         return
     table = [{**row, "MB": row["bytes"] / 1e6, "source ok": row["source_ok"]} for row in rows]
     h, w = meta.input_size
     print_table(table, columns=["backend", "graph", "precision", "file", "MB", "built", "source ok"],
-                title=f"{folder.path}: {meta.preset} {h}x{w}, {meta.num_proposals} proposals")  # fmt: skip
+                title=f"{folder.path}: {meta.preset} {h}x{w}, {meta.num_proposals} proposals, "
+                      f"merge path {meta.merge}/{meta.mask_activation}")  # fmt: skip

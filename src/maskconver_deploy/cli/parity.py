@@ -44,7 +44,9 @@ def table_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
 def _print(result: dict[str, Any]) -> None:
     from maskconver_deploy.cli.console import fmt, log, print_table
 
-    title = f"parity against {result['reference']} on {result['n_images']} images ({result['model_dir']})"
+    model = result.get("model") or {}
+    title = f"parity against {result['reference']} on {result['n_images']} images ({result['model_dir']}"
+    title += f", merge path {model['merge']}/{model.get('mask_activation', '-')})" if model.get("merge") else ")"
     print_table(table_rows(result), columns=COLUMNS, title=title)
     for c in result["candidates"]:
         b = c.get("bisect")

@@ -22,6 +22,7 @@ def pipeline(
     threads: Annotated[int, typer.Option("--threads", "-t", min=1, help="Threads for every runtime (evaluation and timing).")] = 2,
     sizes: Annotated[Optional[str], typer.Option("--sizes", help="Input sizes to time (default 256,384,640; none with --quick).")] = None,
     proposals: Annotated[Optional[str], typer.Option("--proposals", help="Proposal counts to time (default 100,50,20,15,10; none with --quick).")] = None,
+    merges: Annotated[Optional[str], typer.Option("--merges", help="Merge paths to build and measure (default input,feature,input-legacy). The checkpoint's own goes through every step; each other path is built for fp32 ort and tflite, checked (fp32 parity against PyTorch of the same path), evaluated with ort on the same images and timed at the model's N and 100 proposals; input-legacy is only timed, for the post-processing comparison.")] = None,
     work: Annotated[Optional[Path], typer.Option("--work", help="Folder for the exported and compiled artifacts and generated data (default artifacts/pipeline/NAME).")] = None,
     quick: Annotated[bool, typer.Option("--quick", help="A smoke run: few images, 5 timed runs, no size/proposal sweep.")] = False,
     force: ForceOpt = False,
@@ -31,7 +32,7 @@ def pipeline(
     Exit code 1, after the report is written, when a build this machine can do, a parity verdict, an evaluation,
     a timing or a step failed; backends that cannot run here are listed as skipped, with the reason.
     """
-    from maskconver_deploy.bench import parse_int_list
+    from maskconver_deploy.bench import parse_int_list, parse_merges
     from maskconver_deploy.cli.console import ProgressBar, log, print_table
     from maskconver_deploy.pipeline import STEPS, Pipeline, PipelineOptions, summary_rows
 
@@ -49,11 +50,12 @@ def pipeline(
         sizes=parse_int_list(sizes, "--sizes", minimum=32),
         proposals=parse_int_list(proposals, "--proposals"),
         work=work,
+        merges=parse_merges(merges),
     )
     job = Pipeline(options, log)
     with ProgressBar("pipeline", total=len(STEPS)) as bar:
         record = job.run(bar)
-    columns = ["backend", "status", "PQ", "ΔPQ", "parity", "median ms", "vs torch", "MB", "note"]
+    columns = ["backend", "merge", "status", "PQ", "ΔPQ", "parity", "median ms", "vs torch", "MB", "note"]
     print_table(summary_rows(job), columns=columns, title=f"maskconver pipeline: {record.seconds:.0f} s")
     log(f"report: {out / 'report.md'} and {out / 'report.html'}")
     failures = job.failures()

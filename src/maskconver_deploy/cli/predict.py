@@ -213,16 +213,17 @@ def predict(
             write_json(paths["segments"], {
                 "image": str(path), "file_name": paths["panoptic"].name, "height": height, "width": width,
                 "backend": runner.name, "preset": meta.preset, "input_size": list(meta.input_size),
-                "segments_info": segments,
+                "merge": meta.merge, "mask_activation": meta.mask_activation, "segments_info": segments,
             }, force=force)  # fmt: skip
             _save_png(paths["overlay"], overlay(image, small, colors), force=force)  # at the decoded size
     extra: dict[str, Any] = {}
     if "coco-instances" in formats:
         extra["instances_json"] = str(write_json(out / INSTANCES_JSON, instances, force=force))
     if as_json:
-        print_json({"backend": runner.name, "preset": meta.preset, "out": str(out), "images": summary, **extra})
+        print_json({"backend": runner.name, "preset": meta.preset, "merge": meta.merge,
+                    "mask_activation": meta.mask_activation, "out": str(out), "images": summary, **extra})  # fmt: skip
         return
     fallback = INSTANCES_JSON
     rows = [{**row, "output": Path(row["files"]["panoptic"]).name if row["files"] else fallback} for row in summary]
     print_table(rows, columns=["image", "size", "segments", "categories", "latency_ms", "output"],
-                title=f"{runner.name} ({meta.preset}) -> {out}")  # fmt: skip
+                title=f"{runner.name} ({meta.preset}, merge path {meta.merge}/{meta.mask_activation}) -> {out}")  # fmt: skip

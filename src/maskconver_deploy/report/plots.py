@@ -42,12 +42,24 @@ def pareto_front(points: Sequence[tuple[str, float, float]]) -> list[tuple[str, 
     return front
 
 
-def pq_vs_latency(points: Sequence[tuple[str, float, float]], path: Path, title: str) -> Path:
-    """Scatter of (median latency ms, PQ) per backend with the Pareto front drawn through the winners."""
+PATH_MARKERS = "o^sDv<>phX*"  # one marker per merge path in pq_vs_latency
+
+
+def pq_vs_latency(points: Sequence[tuple[str, float, float]], path: Path, title: str,
+                  paths: Sequence[str] | None = None) -> Path:  # fmt: skip
+    """Scatter of (median latency ms, PQ) per backend with the Pareto front drawn through the winners.
+
+    `paths`: the merge path of each point; points of one path share a marker (one per path), and the legend names
+    the path. Without it every point gets its own marker."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7.0, 4.6))
+    order = list(dict.fromkeys(paths)) if paths else []
     for index, (label, latency, quality) in enumerate(points):
-        ax.scatter([latency], [quality], marker=MARKERS[index % len(MARKERS)], s=55, label=label, zorder=3)
+        if paths:
+            marker = PATH_MARKERS[order.index(paths[index]) % len(PATH_MARKERS)]
+        else:
+            marker = MARKERS[index % len(MARKERS)]
+        ax.scatter([latency], [quality], marker=marker, s=55, label=label, zorder=3)
         ax.annotate(label, (latency, quality), textcoords="offset points", xytext=(5, 4 + 7 * (index % 3)), fontsize=7)
     front = pareto_front(points)
     if front:
