@@ -9,7 +9,7 @@
     api.compile(model_dir, backend, precision=None, calib=None, graph="all", workspace_gb=None, force=False)
     api.parity(model_dir, reference="torch", candidates="all", data=None, split="val", n=None, threads=None, ...)
     api.evaluate(model_dir=None, backend=None, data=None, ... | gt_json=..., gt_dir=..., pred_json=..., pred_dir=...)
-    api.bench(model_dir, backends="torch,ort", sizes=None, proposals=None, threads=None, warmup=10, runs=50, ...)
+    api.bench(model_dir, backends="torch,ort", sizes=None, proposals=None, merge=None, threads=None, runs=50, ...)
 
 The functions live here, not at the package's top level, because `maskconver_deploy.export`, `.parity`,
 `.evaluate` and `.bench` are the library modules of those names. Every import is inside a function, so
@@ -333,22 +333,31 @@ def evaluate(*, checkpoint: PathLike | None = None, model_dir: PathLike | None =
 
 
 def bench(model_dir: PathLike, *, backends: str = "torch,ort", sizes: str | None = None, proposals: str | None = None,
-          threads: str | None = None, warmup: int = 10, runs: int = 50, gap_ms: float = 20.0, quick: bool = False,
+          merge: str | None = None, threads: str | None = None, warmup: int = 10, runs: int = 50, gap_ms: float = 20.0, quick: bool = False,
           grid: bool = False, network: bool = True, profile: bool = False, calib: PathLike | None = None,
           json_out: PathLike | None = None, force: bool = False,
           log: Callable[[str], None] | None = None) -> Any:  # fmt: skip
     """`maskconver bench`: time each artifact end to end and the network alone, interleaved. `sizes`,
-    `proposals` and `threads` are comma lists as on the command line. Returns the `results.BenchResult`."""
-    from maskconver_deploy.bench import QUICK_RUNS, QUICK_WARMUP, BenchOptions, parse_int_list, resolve_backends, run_bench
-    from maskconver_deploy.cli.bench import _usable_cores
+    `proposals`, `merge` (merge paths) and `threads` are comma lists as on the command line. Returns the
+    `results.BenchResult`."""
+    from maskconver_deploy.bench import (
+        QUICK_RUNS,
+        QUICK_WARMUP,
+        BenchOptions,
+        parse_int_list,
+        parse_merges,
+        resolve_backends,
+        run_bench,
+        usable_cores,
+    )
     from maskconver_deploy.fileio import refuse_overwrite
 
     if json_out is not None:
         refuse_overwrite(Path(json_out), force)
-    thread_list = parse_int_list(threads, "--threads") or [_usable_cores()]
+    thread_list = parse_int_list(threads, "--threads") or [usable_cores()]
     options = BenchOptions(
         backends=resolve_backends(backends), sizes=parse_int_list(sizes, "--sizes", minimum=32),
-        proposals=parse_int_list(proposals, "--proposals"), threads=list(thread_list),
+        proposals=parse_int_list(proposals, "--proposals"), merges=parse_merges(merge), threads=list(thread_list),
         warmup=QUICK_WARMUP if quick else warmup, runs=QUICK_RUNS if quick else runs, grid=grid,
         network_alone=network, profile=profile, calib=Path(calib) if calib is not None else None,
         peak_matrix=512 if quick else 1536, gap_ms=gap_ms,

@@ -108,6 +108,14 @@ class BenchOptions:
     gap_ms: float = DEFAULT_GAP_MS  # pause before every timed call (see time_interleaved)
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity), the default thread count."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
 def parse_int_list(text: str | None, what: str, minimum: int = 1) -> list[int] | None:
     """'256,384' -> [256, 384]; None or '' -> None; bad values are a UserError naming the option."""
     if text is None or not text.strip():

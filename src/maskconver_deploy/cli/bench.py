@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -10,13 +9,6 @@ import typer
 
 from maskconver_deploy.cli.options import ForceOpt, JsonOpt, JsonOutOpt, ModelDirOpt
 from maskconver_deploy.errors import CheckFailed, UserError
-
-
-def _usable_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
 
 
 def bench(
@@ -43,42 +35,16 @@ def bench(
     Exit code 1 when an artifact that exists could not be timed (it cannot be loaded, is stale, or raised), after
     the table and --json-out are written; backends that cannot run here or are not built are listed as skipped.
     """
-    from maskconver_deploy.bench import (
-        QUICK_RUNS,
-        QUICK_WARMUP,
-        BenchOptions,
-        parse_int_list,
-        parse_merges,
-        resolve_backends,
-        run_bench,
-    )
+    from maskconver_deploy import api
     from maskconver_deploy.cli.console import log, print_json
     from maskconver_deploy.results import STATUS_FAILED
-    from maskconver_deploy.fileio import refuse_overwrite
 
     if model_dir is None:
         raise UserError("--model-dir is required (a folder written by `maskconver export`)")
+    result = api.bench(model_dir, backends=backends, sizes=sizes, proposals=proposals, merge=merge, threads=threads,
+                       warmup=warmup, runs=runs, gap_ms=gap_ms, quick=quick, grid=grid, network=network,
+                       profile=profile, calib=calib, json_out=json_out, force=force, log=log)  # fmt: skip
     if json_out is not None:
-        refuse_overwrite(json_out, force)
-    thread_list = parse_int_list(threads, "--threads") or [_usable_cores()]
-    options = BenchOptions(
-        backends=resolve_backends(backends),
-        sizes=parse_int_list(sizes, "--sizes", minimum=32),
-        proposals=parse_int_list(proposals, "--proposals"),
-        merges=parse_merges(merge),
-        threads=list(thread_list),
-        warmup=QUICK_WARMUP if quick else warmup,
-        runs=QUICK_RUNS if quick else runs,
-        grid=grid,
-        network_alone=network,
-        profile=profile,
-        calib=calib,
-        peak_matrix=512 if quick else 1536,
-        gap_ms=gap_ms,
-    )
-    result = run_bench(model_dir, options, log=log)
-    if json_out is not None:
-        result.save(json_out, force=force)
         log(f"wrote {json_out}")
     if as_json:
         print_json(result.to_dict())
