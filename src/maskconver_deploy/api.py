@@ -271,12 +271,14 @@ def evaluate(*, checkpoint: PathLike | None = None, model_dir: PathLike | None =
              data: PathLike | None = None, split: str = "val", n: int | None = None, threads: int | None = None,
              save_predictions: PathLike | None = None, gt_json: PathLike | None = None,
              gt_dir: PathLike | None = None, pred_json: PathLike | None = None, pred_dir: PathLike | None = None,
-             json_out: PathLike | None = None, force: bool = False, progress: Any = None) -> dict[str, Any]:  # fmt: skip
+             oracle_centers: bool = False, json_out: PathLike | None = None, force: bool = False,
+             progress: Any = None) -> dict[str, Any]:  # fmt: skip
     """`maskconver eval`: PQ / SQ / RQ, mIoU and (for a model on a data set) COCO mask AP of the thing classes.
 
     Either a model on a data folder (`checkpoint`, or `model_dir` with `backend`, default ort; and `data`), or
-    prediction folders against ground truth (`gt_json`, `gt_dir`, `pred_json`, `pred_dir`). Returns the result
-    dict ("pq", "miou", "mask_ap", ...), also written to `json_out` when given."""
+    prediction folders against ground truth (`gt_json`, `gt_dir`, `pred_json`, `pred_dir`). `oracle_centers`
+    (a checkpoint only): also decode at the ground-truth centers and report PQ both ways and center recall /
+    precision. Returns the result dict ("pq", "miou", "mask_ap", "merge", ...), also written to `json_out`."""
     from maskconver_deploy.fileio import refuse_overwrite, write_json
 
     p = {name: Path(value) if value is not None else None for name, value in
@@ -288,7 +290,20 @@ def evaluate(*, checkpoint: PathLike | None = None, model_dir: PathLike | None =
     folders = {"--gt-json": p["gt_json"], "--gt-dir": p["gt_dir"], "--pred-json": p["pred_json"],
                "--pred-dir": p["pred_dir"]}  # fmt: skip
     model_given = p["checkpoint"] is not None or p["model_dir"] is not None
-    if any(v is not None for v in folders.values()):
+    if oracle_centers:
+        from maskconver_deploy.training.diagnose import diagnose_checkpoint
+
+        if p["checkpoint"] is None or p["model_dir"] is not None or (backend or "torch") != "torch" \
+                or p["save_predictions"] is not None:  # fmt: skip
+            raise UserError("--oracle-centers needs --checkpoint (backend torch) and no --save-predictions")
+        if p["data"] is None:
+            raise UserError("--data is required to evaluate a model")
+        if not p["checkpoint"].is_file():
+            raise UserError("no such checkpoint", p["checkpoint"])
+        result = diagnose_checkpoint(p["checkpoint"], p["data"], split, limit=n, threads=threads, progress=progress)
+        result["data"] = {"dir": str(p["data"]), "split": split}
+        result["checkpoint"] = str(p["checkpoint"])
+    elif any(v is not None for v in folders.values()):
         missing = [k for k, v in folders.items() if v is None]
         if missing:
             raise UserError(f"folder evaluation needs {', '.join(folders)}; missing {', '.join(missing)}")
@@ -327,9 +342,33 @@ def evaluate(*, checkpoint: PathLike | None = None, model_dir: PathLike | None =
             result["checkpoint"] = str(p["checkpoint"])
         if p["model_dir"] is not None:
             result["model_dir"] = str(p["model_dir"])
+    _tag_merge(result, p["model_dir"], p["checkpoint"])
     if p["json_out"] is not None:
         write_json(p["json_out"], result, force=force)
     return result
+
+
+def _tag_merge(result: dict[str, Any], model_dir: Path | None, checkpoint: Path | None) -> bool:
+    """Add the evaluated model's merge path and mask activation to the result (printed and in --json);
+    predictions read from folders have none. Returns whether it added them."""
+    if "merge" in result:
+        return False
+    if model_dir is not None:
+        from maskconver_deploy.modeldir import ModelDir
+
+        meta = ModelDir(model_dir).meta
+        result.setdefault("merge", meta.merge)
+        result.setdefault("mask_activation", meta.mask_activation)
+    elif checkpoint is not None:
+        from maskconver_deploy.model.checkpoint import load_checkpoint
+
+        spec = load_checkpoint(checkpoint)[0].spec
+        result.setdefault("merge", spec.merge)
+        result.setdefault("mask_activation", spec.mask_activation)
+    else:
+        return False
+    return True
+
 
 
 def bench(model_dir: PathLike, *, backends: str = "torch,ort", sizes: str | None = None, proposals: str | None = None,

@@ -108,58 +108,13 @@ def eval_cmd(
     from maskconver_deploy import api
     from maskconver_deploy.cli.console import progress
 
-    if oracle_centers:
-        from maskconver_deploy.errors import UserError
-        from maskconver_deploy.fileio import refuse_overwrite, write_json
-        from maskconver_deploy.training.diagnose import diagnose_checkpoint
-
-        if checkpoint is None or model_dir is not None or (backend or "torch") != "torch" or save_predictions is not None:
-            raise UserError("--oracle-centers needs --checkpoint (backend torch) and no --save-predictions")
-        if data is None:
-            raise UserError("--data is required to evaluate a model")
-        if not checkpoint.is_file():
-            raise UserError("no such checkpoint", checkpoint)
-        if json_out is not None:
-            refuse_overwrite(json_out, force)
-        result = diagnose_checkpoint(checkpoint, data, split, limit=n, threads=threads, progress=progress)
-        result["data"] = {"dir": str(data), "split": split}
-        result["checkpoint"] = str(checkpoint)
-        if json_out is not None:
-            write_json(json_out, result, force=force)
-    else:
-        result = api.evaluate(checkpoint=checkpoint, model_dir=model_dir, backend=backend, data=data, split=split,
-                              n=n, threads=threads, save_predictions=save_predictions, gt_json=gt_json, gt_dir=gt_dir,
-                              pred_json=pred_json, pred_dir=pred_dir, json_out=json_out, force=force,
-                              progress=progress)  # fmt: skip
-    if _tag_merge(result, model_dir, checkpoint) and json_out is not None:
-        from maskconver_deploy.fileio import write_json
-
-        write_json(json_out, result, force=True)  # the file this run just wrote, now with the merge path
+    result = api.evaluate(checkpoint=checkpoint, model_dir=model_dir, backend=backend, data=data, split=split, n=n,
+                          threads=threads, save_predictions=save_predictions, gt_json=gt_json, gt_dir=gt_dir,
+                          pred_json=pred_json, pred_dir=pred_dir, oracle_centers=oracle_centers, json_out=json_out,
+                          force=force, progress=progress)  # fmt: skip
     _print(result, as_json, per_class)
     if oracle_centers and not as_json:
         _print_oracle(result)
-
-
-def _tag_merge(result: dict[str, Any], model_dir: Optional[Path], checkpoint: Optional[Path]) -> bool:
-    """Add the evaluated model's merge path and mask activation to the result (printed and in --json);
-    predictions read from folders have none. Returns whether it added them."""
-    if "merge" in result:
-        return False
-    if model_dir is not None:
-        from maskconver_deploy.modeldir import ModelDir
-
-        meta = ModelDir(model_dir).meta
-        result.setdefault("merge", meta.merge)
-        result.setdefault("mask_activation", meta.mask_activation)
-    elif checkpoint is not None:
-        from maskconver_deploy.model.checkpoint import load_checkpoint
-
-        spec = load_checkpoint(checkpoint)[0].spec
-        result.setdefault("merge", spec.merge)
-        result.setdefault("mask_activation", spec.mask_activation)
-    else:
-        return False
-    return True
 
 
 def _print_oracle(result: dict[str, Any]) -> None:
