@@ -11,7 +11,8 @@ from maskconver_deploy.report import check_targets, write_report
 from maskconver_deploy.results import BenchEntry, BenchResult, EvalRun, LatencyStats, load_results
 
 N = 50  # the model's own proposal count
-PQ_RESULT = {"pq": {"all": {"pq": 40.0, "sq": 80.0, "rq": 50.0}}, "n_images": 3}
+PQ_RESULT = {"pq": {"all": {"pq": 40.0, "sq": 80.0, "rq": 50.0}}, "n_images": 3,
+             "mask_ap": {"ap": 12.25, "ap50": 30.0, "ap75": 9.0}}
 
 
 def _e(backend: str, graph: str, proposals: int, ms: float, merge: str = "input") -> BenchEntry:
@@ -111,7 +112,9 @@ def test_report_rows_pq_per_path_and_plot(tmp_path: Path) -> None:
     assert any(r.startswith("| ort | feature/hard-sigmoid | fp32 | 256 |") for r in rows)
     assert any(r.startswith("| tflite | feature/hard-sigmoid | fp32 | 256 |") for r in rows)
     path_row = next(r for r in rows if r.startswith("| ort | feature/hard-sigmoid | 37.50 |"))
-    assert "| -2.50 |" in path_row and "| 11.00 |" in path_row  # ΔPQ vs the input path, latency of the same run
+    assert "| -2.50 | 12.25 |" in path_row and "| 11.00 |" in path_row  # ΔPQ vs the input path, mask AP, latency
+    main_row = next(r for r in rows if r.startswith("| ort | input/hard-sigmoid | fp32 | 256 |"))
+    assert "| 40.00 | 0.00 | 12.25 |" in main_row or "| 40.00 | - | 12.25 |" in main_row, main_row  # PQ, ΔPQ, mask AP
     assert "By merge path" in markdown and "one marker per merge path (input, feature)" in markdown
     assert (tmp_path / "out" / "plots" / "pq_vs_latency.png").is_file()
     assert "| input path: post-processing time <= 0.5 x input-legacy's" in markdown

@@ -524,21 +524,24 @@ def _main_table(bundle: ResultsBundle) -> list[Block]:
     entries.sort(key=lambda e: (e.threads or 0, e.size, merge_order.get(e.merge, 99), order.get(e.backend, 99)))
     for e in entries:
         pq, delta = pq_and_delta(bundle, e)
+        run = bundle.eval_for(e.backend, e.size, e.proposals, e.merge)
         native = e.size == model_size(bench)
         parity = bundle.parity_for(e.backend, e.merge) if native else None
         floor = f"{100 * e.floor_ms / e.median_ms:.0f}%" if e.floor_ms and e.median_ms else "-"
         rows.append([
             e.backend, e.path_label, e.precision, f"{e.size}", _threads(e.threads),
             _f(params / 1e6 if params else None, 3), _f(e.macs.get("total", 0) / 1e9 if e.macs else None, 3),
-            _f(pq), _f(delta, 2), parity.verdict if parity else ("-" if native else "n/a (other size)"),
+            _f(pq), _f(delta, 2), _f(run.mask_ap if run is not None else None),
+            parity.verdict if parity else ("-" if native else "n/a (other size)"),
             _f(e.median_ms), _f(e.latency_ms.p90 if e.latency_ms else None),
             _f(e.speedup_vs_torch, 2, "x"), _f(e.speedup_vs_torch_compile, 2, "x"), floor, _mb(e.artifact_bytes),
             _f(e.memory.get("peak_delta_mb"), 1),
         ])  # fmt: skip
-    columns = ["backend", "merge path", "precision", "size", "threads", "params (M)", "MACs (G)", "PQ", "ΔPQ vs ref", "parity",
-               "median ms", "p90 ms", "speed-up vs PyTorch", "vs torch.compile", "% of floor", "artifact MB", "peak mem MB"]  # fmt: skip
+    columns = ["backend", "merge path", "precision", "size", "threads", "params (M)", "MACs (G)", "PQ", "ΔPQ vs ref",
+               "mask AP", "parity", "median ms", "p90 ms", "speed-up vs PyTorch", "vs torch.compile", "% of floor", "artifact MB", "peak mem MB"]  # fmt: skip
     caption = (f"End to end at {native_n} proposals (the model's own setting), measured on this machine; one row per "
-               f"(backend, merge path); speed-ups and ΔPQ against PyTorch of the same merge path")  # fmt: skip
+               f"(backend, merge path); speed-ups and ΔPQ against PyTorch of the same merge path; mask AP: COCO mask AP "
+               f"of the thing classes (pycocotools COCOeval, segm) from the same evaluation pass as PQ")  # fmt: skip
     blocks: list[Block] = [Heading(2, "Results: backend x merge path x precision x size"),
                            Table(columns, rows, caption, status_column="parity")]  # fmt: skip
     skipped = [e for e in bench.entries if not e.ok]
@@ -573,7 +576,7 @@ def path_pq_rows(bundle: ResultsBundle) -> list[list[str]]:
         timed = bench.find(run.backend, "panoptic", size, n, "any", merge)
         parity = bundle.parity_for(run.backend, merge)
         rows.append([run.backend, f"{merge}/{run.mask_activation or '-'}" if run.mask_activation else merge, _f(run.pq),
-                     _f(run.sq), _f(run.rq), _f(delta), parity.verdict if parity else "-",
+                     _f(run.sq), _f(run.rq), _f(delta), _f(run.mask_ap), parity.verdict if parity else "-",
                      _f(timed.median_ms if timed else None), str(run.n_images)])  # fmt: skip
     return rows
 
@@ -584,7 +587,7 @@ def _paths_section(bundle: ResultsBundle) -> list[Block]:
     rows = path_pq_rows(bundle)
     if len({row[1].split("/")[0] for row in rows}) < 2 and len(bench.merges()) < 2:
         return []
-    columns = ["backend", "merge path", "PQ", "SQ", "RQ", "ΔPQ vs own path", "parity (vs PyTorch, same path)",
+    columns = ["backend", "merge path", "PQ", "SQ", "RQ", "ΔPQ vs own path", "mask AP", "parity (vs PyTorch, same path)",
                "end to end ms", "images"]  # fmt: skip
     note = ("PQ of each merge path on the same validation images (`eval`); ΔPQ against the same backend on the model "
             "folder's own path; latency from the bench table above (same run). input-legacy is the input path's "
