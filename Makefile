@@ -47,11 +47,11 @@ demo: install
 # models/shapes-256.pt is run 2's checkpoint at step 250 of 1,500 (README "Data and training").
 model: install
 	$(BIN)/maskconver data synth --out data/shapes --n 10000 --size 256 --seed 0 --val-fraction 0.05 --force
-	$(BIN)/maskconver train --preset shapes-256 --data data/shapes --out models/shapes-256.pt --steps 8000 --early-size 128 --early-steps 6000 --batch 8 --lr 0.04 --warmup 200 --seed 0 --threads 2 --workers 1 --mask-loss per-mask --device cpu --eval-every 2000 --eval-limit 100 --final-eval 500 --force
+	$(BIN)/maskconver train --preset shapes-256 --data data/shapes --out models/shapes-256.pt --steps 8000 --early-size 128 --early-steps 6000 --batch 8 --lr 0.04 --warmup 200 --seed 0 --threads 2 --workers 1 --mask-loss per-mask --eval-every 2000 --eval-limit 100 --final-eval 500 --force
 	mkdir -p artifacts && mv models/shapes-256.pt artifacts/shapes-256-stage1.pt
 	mv models/shapes-256.train.log models/shapes-256.stage1.train.log
 	mv models/shapes-256.train.json models/shapes-256.stage1.train.json
-	$(BIN)/maskconver train --preset shapes-256 --data data/shapes --init artifacts/shapes-256-stage1.pt --out models/shapes-256.pt --steps 1500 --batch 8 --lr 0.01 --warmup 50 --seed 1 --threads 2 --workers 1 --mask-loss per-mask --device cpu --eval-every 500 --eval-limit 100 --final-eval 500 --force
+	$(BIN)/maskconver train --preset shapes-256 --data data/shapes --init artifacts/shapes-256-stage1.pt --out models/shapes-256.pt --steps 1500 --batch 8 --lr 0.01 --warmup 50 --seed 1 --threads 2 --workers 1 --mask-loss per-mask --eval-every 500 --eval-limit 100 --final-eval 500 --force
 	rm -f models/shapes-256.state.pt models/shapes-256.stage1.state.pt
 
 # The paper's ablations (Tables 6-7) on the shapes data (README "Data and training"): three identical fine-tunes of

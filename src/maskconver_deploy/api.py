@@ -5,7 +5,7 @@
 
     with maskconver_deploy.load("models/NAME", backend="ort") as model:   # or a checkpoint .pt, backend="torch"
         answer = model.predict("photo.jpg")                                 # a path or a uint8 RGB array
-    api.export(checkpoint, out, size=None, proposals=None, output=None, force=False)
+    api.export(checkpoint, out, size=None, proposals=None, output=None, merge=None, mask_activation=None, force=False)
     api.compile(model_dir, backend, precision=None, calib=None, graph="all", workspace_gb=None, force=False)
     api.parity(model_dir, reference="torch", candidates="all", data=None, split="val", n=None, threads=None, ...)
     api.evaluate(model_dir=None, backend=None, data=None, ... | gt_json=..., gt_dir=..., pred_json=..., pred_dir=...)
@@ -181,14 +181,16 @@ def load(model_dir_or_checkpoint: PathLike, backend: str = "ort", threads: int |
 # The commands as functions
 # ---------------------------------------------------------------------------------------------------------------
 def export(checkpoint: PathLike, out: PathLike, *, size: int | None = None, proposals: int | None = None,
-           output: Sequence[str] | str | None = None, force: bool = False,
-           on_step: Callable[[str], None] | None = None) -> Any:  # fmt: skip
+           output: Sequence[str] | str | None = None, merge: str | None = None, mask_activation: str | None = None,
+           force: bool = False, on_step: Callable[[str], None] | None = None) -> Any:  # fmt: skip
     """`maskconver export`: a checkpoint -> model folder `out` (graphs verified against PyTorch); returns its
-    `ModelDir`. `output` is the graphs (panoptic, raw, semantic; default panoptic and raw)."""
+    `ModelDir`. `output` is the graphs (panoptic, raw, semantic; default panoptic and raw); `merge` the merge
+    path (input, feature, official, input-legacy) and `mask_activation` its activation (default: the path's)."""
     from maskconver_deploy import export as export_mod
 
     return export_mod.export(Path(checkpoint), Path(out), size=size, proposals=proposals,
-                             graphs=export_mod.parse_graphs(output), force=force, on_step=on_step)  # fmt: skip
+                             graphs=export_mod.parse_graphs(output), force=force, merge=merge,
+                             mask_activation=mask_activation, on_step=on_step)  # fmt: skip
 
 
 def compile(model_dir: PathLike, backend: str, *, precision: str | None = None, calib: PathLike | None = None,

@@ -34,7 +34,12 @@ Choices, and why:
   convolutions are slow, so `ort-mobile` fp32 is timed far above `ort` here (about 15 vs 1.6 ms at 64x64); that
   number says nothing about a phone. The runner opens `.ort` files with graph optimisations off: it runs exactly
   the graph in the file, as a minimal mobile build does.
-- Runner: CPU EP, `threads` -> intra_op_num_threads, inter_op_num_threads 1, sequential execution.
+- Runner: CPU EP, `threads` -> intra_op_num_threads, inter_op_num_threads 1, sequential execution, ONNX Runtime's
+  default graph optimisation (ENABLE_ALL: the NCHWc layout), intra-op spinning during a Run and
+  `session.force_spinning_stop` after it. Measured against the other settings on this CPU (README "Backends"):
+  ENABLE_EXTENDED or BASIC (no NCHWc) ran the shipped model 2.9x slower, spinning off 1.4x slower,
+  denormals-as-zero the same; without the spinning stop, three sessions timed in turn ran 2-3x slower each than
+  alone, with it as fast as alone.
 """
 
 from __future__ import annotations
@@ -78,6 +83,9 @@ CONVERTER = "onnxruntime.tools.convert_onnx_models_to_ort"
 CONVERTER_TIMEOUT_S = 1800
 # Session settings an artifact needs: weight-only int8 is folded back to float at load (see the module doc)
 SESSION_CONFIG: dict[Precision, dict[str, str]] = {Precision.INT8_DYNAMIC: {"session.disable_quant_qdq": "1"}}
+# Every session: worker threads stop spinning when a Run returns. Without it, an idle session's spinning workers
+# slowed every other session in the process 2-3x (README "Backends"); alone, a session is as fast either way.
+COMMON_SESSION_CONFIG = {"session.force_spinning_stop": "1"}
 FP32_AGREEMENT_FLOOR = 0.999  # ort-mobile fp32 vs the source graph, panoptic pixels
 CHECK_IMAGES = 2
 QUANTIZED_OPS = ("Conv", "Gemm", "MatMul")
@@ -364,7 +372,7 @@ def session_options(path: Path, precision: Precision, threads: int | None = None
         options.intra_op_num_threads = int(threads)
     if path.suffix == ".ort":
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    for key, value in SESSION_CONFIG.get(precision, {}).items():
+    for key, value in {**COMMON_SESSION_CONFIG, **SESSION_CONFIG.get(precision, {})}.items():
         options.add_session_config_entry(key, value)
     return options
 

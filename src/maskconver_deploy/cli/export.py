@@ -52,16 +52,16 @@ def export(
     Writes OUT/model.onnx (panoptic), OUT/model.raw.onnx (heatmap + mask logits, for parity), optionally
     OUT/model.semantic.onnx, plus OUT/model.json (metadata, op list, checks) and OUT/reference.pt.
     """
-    from maskconver_deploy import export as export_mod
+    from maskconver_deploy import api
     from maskconver_deploy.cli.console import ProgressBar, log, print_json, print_table
+    from maskconver_deploy.export import parse_graphs
 
     if checkpoint is None or out is None:
         raise UserError("give --checkpoint (a .pt) and --out (the model folder to write)")
-    graphs = export_mod.parse_graphs(output)
-    with ProgressBar("export", total=len(graphs)) as bar:
-        folder = export_mod.export(checkpoint, out, size=size, proposals=proposals, graphs=graphs, force=force,
-                                   merge=merge, mask_activation=mask_activation,
-                                   on_step=lambda graph: bar.update(1, status=f"{graph} verified"))  # fmt: skip
+    with ProgressBar("export", total=len(parse_graphs(output))) as bar:
+        folder = api.export(checkpoint, out, size=size, proposals=proposals, output=output, merge=merge,
+                            mask_activation=mask_activation, force=force,
+                            on_step=lambda graph: bar.update(1, status=f"{graph} verified"))  # fmt: skip
     record = folder.record
     rows = []
     for graph, entry in record["graphs"].items():

@@ -116,6 +116,7 @@ def mask_probabilities(logits: Tensor, activation: str = "hard-sigmoid") -> Tens
     return torch.sigmoid(logits)
 
 
+@torch.compiler.disable  # a constant: torch.compile calls it eagerly instead of tracing the bisection
 @functools.cache
 def half_threshold(activation: str) -> float:
     """The largest float32 c with activation(c) <= 0.5 in PyTorch: activation(x) > 0.5 exactly when x > c.
