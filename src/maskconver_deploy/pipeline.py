@@ -6,8 +6,8 @@ Layout of one run named NAME (`--out reports/NAME`):
     artifacts/pipeline/NAME/{model/, data/}     the exported graphs, compiled artifacts, generated data (not kept)
 Merge paths (model/postprocess.py): the checkpoint's own path goes through every step; each other path of
 `--merges` (default input, feature and input-legacy) is exported into the model folder's variants/
-(s<size>-n<N>-<merge>/) and built for the fp32 ONNX Runtime and TFLite backends only; it gets fp32 parity against
-the PyTorch reference of the same path, PQ with ONNX Runtime on the same images (eval/<backend>@<merge>.json) and
+(s<size>-n<N>-<merge>/) and built for the fp32 ONNX Runtime and TFLite backends and every OpenVINO precision (and
+torch-compile runs it); it gets parity against the PyTorch reference of the same path, PQ with ONNX Runtime on the same images (eval/<backend>@<merge>.json) and
 timings at the model's N and at 100 proposals, interleaved with the own path's. `input-legacy` (the `input` path's
 earlier formulation, the same answer) is only timed, at 100 proposals: the report compares the post-processing
 times of the two formulations measured in the same run.
@@ -64,7 +64,9 @@ BENCH_PROPOSALS = (100, 50, 20, 15, 10)
 SWEEP_BACKENDS = ("torch", "ort")  # timed at the other sizes / proposal counts (compiling TFLite there costs minutes)
 TARGET_PROPOSALS = 100  # the post-processing target is checked at 100 proposals: every fp32 runtime is timed there
 MERGES = ("input", "feature", LEGACY_MERGE)  # merge paths built and measured (the checkpoint's own first)
-PATH_FAMILIES = ("ort", "tflite")  # the backends another merge path is built for (fp32 only)
+PATH_FAMILIES = ("ort", "tflite")  # the backends another merge path is built for (fp32 only) ...
+PATH_ALL_PRECISIONS = ("openvino", "torch-compile")  # ... and these in every precision built here (the fastest
+# runtimes on the cheap merge path, and the compiled PyTorch baseline of that path)
 TIMED_ONLY_MERGES = (LEGACY_MERGE,)  # timed for the post-processing comparison, neither checked nor evaluated
 STEPS = ("data", "export", "compile", "parity", "eval", "bench", "overlays", "report")
 ESSENTIAL_STEPS = ("data", "export")  # nothing after them can run without them: their failure ends the run
@@ -235,10 +237,13 @@ class Pipeline:
         return [m for m in self.other_merges() if m not in TIMED_ONLY_MERGES]
 
     def path_backends(self) -> list[str]:
-        """The fp32 ONNX Runtime / TFLite backends built here: what the other merge paths are built for."""
+        """What the other merge paths are built for: the fp32 ONNX Runtime / TFLite backends built here, every
+        OpenVINO precision built here, and torch-compile (PATH_FAMILIES, PATH_ALL_PRECISIONS)."""
         from maskconver_deploy.backends import parse_backend
 
-        return [n for n in self.ok_backends() if parse_backend(n).family in PATH_FAMILIES and self.precision_of(n) == "fp32"]
+        return [n for n in self.ok_backends()
+                if (parse_backend(n).family in PATH_FAMILIES and self.precision_of(n) == "fp32")
+                or parse_backend(n).family in PATH_ALL_PRECISIONS]  # fmt: skip
 
     def path_ok(self, merge: str) -> list[str]:
         return [n for n, s in self.path_states.get(merge, {}).items() if s.status == STATUS_OK]
@@ -358,7 +363,8 @@ class Pipeline:
             start = time.perf_counter()
             states = self.path_states[merge] = {name: BackendState(name, merge=merge) for name in names}
             try:
-                folder, problems = prepare_variant(self.model_dir, size, n, names, None, lambda m: self.log("    " + m),
+                calib = None if self.calib_problem else self.calib  # the int8 OpenVINO build reads it
+                folder, problems = prepare_variant(self.model_dir, size, n, names, calib, lambda m: self.log("    " + m),
                                                    merge=merge, graphs=("panoptic",))  # fmt: skip
             except Exception as exc:  # noqa: BLE001 - this path's failure; the own path goes on
                 for state in states.values():
