@@ -374,7 +374,7 @@ def _tag_merge(result: dict[str, Any], model_dir: Path | None, checkpoint: Path 
 
 
 def bench(model_dir: PathLike, *, backends: str = "torch,ort", sizes: str | None = None, proposals: str | None = None,
-          merge: str | None = None, threads: str | None = None, warmup: int = 10, runs: int = 50, gap_ms: float = 20.0, quick: bool = False,
+          merge: str | None = None, threads: str | None = None, warmup: int = 10, runs: int = 50, gap_ms: float = 20.0, burst: int = 5, quick: bool = False,
           grid: bool = False, network: bool = True, profile: bool = False, calib: PathLike | None = None,
           json_out: PathLike | None = None, force: bool = False,
           log: Callable[[str], None] | None = None) -> Any:  # fmt: skip
@@ -401,7 +401,7 @@ def bench(model_dir: PathLike, *, backends: str = "torch,ort", sizes: str | None
         proposals=parse_int_list(proposals, "--proposals"), merges=parse_merges(merge), threads=list(thread_list),
         warmup=QUICK_WARMUP if quick else warmup, runs=QUICK_RUNS if quick else runs, grid=grid,
         network_alone=network, profile=profile, calib=Path(calib) if calib is not None else None,
-        peak_matrix=512 if quick else 1536, gap_ms=gap_ms,
+        peak_matrix=512 if quick else 1536, gap_ms=gap_ms, burst=burst,
     )  # fmt: skip
     result = run_bench(Path(model_dir), options, log=log)
     if json_out is not None:

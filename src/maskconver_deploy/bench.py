@@ -58,6 +58,7 @@ Log = Callable[[str], None]
 DEFAULT_WARMUP = 10
 DEFAULT_RUNS = 50
 DEFAULT_GAP_MS = 20.0
+DEFAULT_BURST = 5  # 4 of every 5 timed calls back to back: the median is a stream's call (see time_interleaved)
 QUICK_WARMUP = 2
 QUICK_RUNS = 5
 PEAK_MATRIX = 1536
@@ -105,7 +106,8 @@ class BenchOptions:
     calib: Path | None = None  # calibration folder for int8 variants
     seed: int = 0
     peak_matrix: int = PEAK_MATRIX
-    gap_ms: float = DEFAULT_GAP_MS  # pause before every timed call (see time_interleaved)
+    gap_ms: float = DEFAULT_GAP_MS  # pause before every turn of timed calls (see time_interleaved)
+    burst: int = DEFAULT_BURST  # timed calls per turn, back to back (see time_interleaved)
 
 
 def usable_cores() -> int:
@@ -443,6 +445,7 @@ class _Slot:
     runner: Any
     image: np.ndarray
     samples: list[float] = field(default_factory=list)
+    turn_starts: list[int] = field(default_factory=list)  # indices into samples: the first call of each turn
 
 
 def bench_image(size: tuple[int, int], seed: int) -> np.ndarray:
@@ -501,27 +504,34 @@ def _open_slot(entry: BenchEntry, model_dir: Path, image: np.ndarray, warmup: in
     return _Slot(entry, runner, image)
 
 
-def time_interleaved(slots: list[_Slot], runs: int, gap_s: float = 0.0) -> None:
-    """R rounds; in each, every runner infers once, starting from a rotating position. Failures drop a runner.
+def time_interleaved(slots: list[_Slot], runs: int, gap_s: float = 0.0, burst: int = 1) -> None:
+    """`runs` timed calls per runner in turns: each turn is `burst` back-to-back calls of one runner, the runners
+    taking turns round-robin from a rotating start. Failures drop a runner.
 
-    `gap_s`: a pause before every timed call, so the worker threads of the runtime that ran before have parked
+    `gap_s`: a pause before every turn, so the worker threads of the runtime that ran before have parked
     (ONNX Runtime's and OpenMP's pools spin for a while after a call and would steal cores from the next one).
+    `burst` 1 times every call after a pause (a frame arriving at a camera's rate); a larger burst times calls of
+    a stream, the second and later ones back to back (what a runtime's own benchmark tool reports).
     """
     active = list(slots)
-    for round_index in range(runs):
+    burst = max(1, int(burst))
+    for round_index in range(-(-runs // burst)):
         if not active:
             break
+        calls = min(burst, runs - round_index * burst)
         start = round_index % len(active)
         for slot in active[start:] + active[:start]:
             if gap_s > 0:
                 time.sleep(gap_s)
-            try:
-                slot.runner.infer(slot.image)
-            except Exception as exc:
-                slot.entry.status = STATUS_FAILED
-                slot.entry.reason = f"failed during timing: {type(exc).__name__}: {_first_line(exc)}"
-                continue
-            slot.samples.append(float(slot.runner.last_latency_s) * 1e3)
+            slot.turn_starts.append(len(slot.samples))
+            for _ in range(calls):
+                try:
+                    slot.runner.infer(slot.image)
+                except Exception as exc:
+                    slot.entry.status = STATUS_FAILED
+                    slot.entry.reason = f"failed during timing: {type(exc).__name__}: {_first_line(exc)}"
+                    break
+                slot.samples.append(float(slot.runner.last_latency_s) * 1e3)
         active = [s for s in active if s.entry.status == STATUS_OK]
 
 
@@ -692,13 +702,16 @@ def run_bench(model_dir: str | Path, options: BenchOptions, log: Log | None = No
                         slot = _open_slot(entry, folders[key], image, options.warmup)
                         if slot is not None:
                             slots.append(slot)
-            say(f"timing {len(slots)} runners interleaved, {options.runs} rounds")
-            time_interleaved(slots, options.runs, options.gap_ms / 1e3)
+            say(f"timing {len(slots)} runners interleaved, {options.runs} calls each in turns of {options.burst}")
+            time_interleaved(slots, options.runs, options.gap_ms / 1e3, options.burst)
             for slot in slots:
                 slot.runner.close()
                 if slot.entry.status == STATUS_OK and slot.samples:
                     slot.entry.samples_ms = [round(s, 4) for s in slot.samples]
                     slot.entry.latency_ms = LatencyStats.from_ms(slot.entry.samples_ms)  # the stats of what is saved
+                    if options.burst > 1:  # what a call after the pause costs, apart from the stream's median
+                        firsts = [slot.samples[i] for i in slot.turn_starts if i < len(slot.samples)]
+                        slot.entry.after_pause_ms = round(float(np.median(firsts)), 4) if firsts else None
             if options.profile and size == configs[0][0]:  # the profile explains the first size's timings
                 for entry in group:
                     if entry.ok and entry.family in ("ort", "ort-mobile"):
@@ -730,10 +743,13 @@ def run_bench(model_dir: str | Path, options: BenchOptions, log: Log | None = No
             "warmup": options.warmup,
             "runs": options.runs,
             "order": "runners of one (size, proposals, threads) group, every merge path of it included, interleaved "
-                     "round-robin, the starting runner rotated every round, a "
-                     f"{options.gap_ms:g} ms pause before every timed call (so the previous "
+                     "round-robin, the starting runner rotated every round, "
+                     + (f"each turn {options.burst} back-to-back timed calls of one runner after a " if options.burst > 1
+                        else "one timed call per turn, after a ")
+                     + f"{options.gap_ms:g} ms pause (so the previous "
                      "runtime's spinning worker threads have parked); warm-up per runner before timing",
             "gap_ms": options.gap_ms,
+            "burst": options.burst,
             "span": SPAN_END_TO_END,
             "network_span": SPAN_NETWORK,
             "memory_method": MEMORY_METHOD if probe_ok else MEMORY_METHOD_FALLBACK,
@@ -795,6 +811,7 @@ def summary_rows(result: BenchResult) -> list[dict[str, Any]]:
                 "median ms": e.latency_ms.median,
                 "p90 ms": e.latency_ms.p90,
                 "min ms": e.latency_ms.min,
+                "after pause ms": e.after_pause_ms,
                 "vs torch": e.speedup_vs_torch,
                 "vs compiled": e.speedup_vs_torch_compile,
                 "floor ms": e.floor_ms,

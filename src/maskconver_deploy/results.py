@@ -128,6 +128,7 @@ class BenchEntry:
     compile_s: float | None = None  # torch-compile: the compiling first call in open(), never in the latency
     merge: str = DEFAULT_MERGE  # merge path of the artifact's post-processing (ModelMeta.merge)
     mask_activation: str = DEFAULT_ACTIVATION  # its mask activation (ModelMeta.mask_activation)
+    after_pause_ms: float | None = None  # with bursts: median of each turn's first call (after the pause)
 
     @property
     def ok(self) -> bool:

@@ -7,11 +7,12 @@ from __future__ import annotations
 import json
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 
 from maskconver_deploy.backends import tflite
 from maskconver_deploy.model.postprocess import half_threshold
@@ -45,13 +46,15 @@ for r, feed in zip(runs, feeds):
     interp.invoke()
     results.update({f"{r}__{i}": interp.get_tensor(d["index"]) for i, d in enumerate(got)})
 np.savez(sys.argv[3], **results)
-print(json.dumps(sorted({op["op_name"] for op in interp._get_ops_details()})))
+print(json.dumps([op["op_name"] for op in interp._get_ops_details()]))
 """
 
 
-def run_in_litert(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]], tmp_path: Path) -> tuple[list, set]:
-    """(per feed: outputs in the order of the model's outputs; op names in the .tflite) of a post-processing graph
-    (float32 inputs) converted by TailConverter and run by LiteRT, in the onnx2tf environment."""
+def run_in_litert(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]], tmp_path: Path,
+                  op_list: bool = False) -> tuple[list, Any]:  # fmt: skip
+    """(per feed: outputs in the order of the model's outputs; the set of op names in the .tflite, or with `op_list`
+    every op's name in order) of a post-processing graph (float32 inputs) converted by TailConverter and run by
+    LiteRT, in the onnx2tf environment."""
     import os
 
     require_runtime("ai_edge_litert", "the LiteRT interpreter", tflite.HINT_LITERT)
@@ -73,7 +76,8 @@ def run_in_litert(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]], tm
                            str(tmp_path / "feeds.npz"), str(tmp_path / "out.npz")],
                           capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
-    ops = set(json.loads(proc.stdout.strip().splitlines()[-1]))
+    names = json.loads(proc.stdout.strip().splitlines()[-1])
+    ops = names if op_list else set(names)
     loaded = np.load(tmp_path / "out.npz")
     outputs = range(len(model.graph.output))
     return [[loaded[f"{r}__{i}"] for i in outputs] for r in range(len(feeds))], ops
@@ -149,3 +153,48 @@ def test_hard_sigmoid_matches_the_onnx_definition(tmp_path: Path, weights: str) 
     f = np.float32
     expected = np.maximum(f(0), np.minimum(f(1), x * f(alpha) + f(beta))) * w
     np.testing.assert_array_equal(got[0], expected)
+
+
+def test_round_is_half_to_even_like_onnx(tmp_path: Path) -> None:
+    """Round (the merge's P > 0.5 count: Round of probabilities in [0, 1]) gives ONNX's round half to even in LiteRT,
+    at every half and at the probabilities' edges."""
+    halves = np.arange(-8, 8, dtype=np.float32) + np.float32(0.5)
+    f = np.float32
+    edges = [f(0.5), np.nextafter(f(0.5), f(1)), np.nextafter(f(0.5), f(0)), f(0), f(1), f(-0.0), f(1.5), f(2.5)]
+    x = np.concatenate([halves, np.array(edges, dtype=np.float32), np.random.default_rng(2).random(2000).astype(np.float32)])
+    graph = helper.make_graph([helper.make_node("Round", ["x"], ["y"])], "tail",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [x.size])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [x.size])])  # fmt: skip
+    (got,), ops = run_in_litert(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), [{"x": x}], tmp_path)
+    np.testing.assert_array_equal(got[0], np.round(x))  # numpy rounds half to even too
+    assert got[0][halves.size] == 0.0 and got[0][halves.size + 1] == 1.0  # 0.5 -> 0, its successor -> 1
+    assert "ROUND" in ops
+
+
+def _pixel_count_graph(height: int, width: int, slots: int, first_row: np.ndarray) -> onnx.ModelProto:
+    """The merge's per-slot pixel count: ones[1, W] @ reshape(ones[1, H] @ reshape(X, [H, W*S]), [W, S])."""
+    inits = [numpy_helper.from_array(first_row, "r"), numpy_helper.from_array(np.ones((1, width), np.float32), "c"),
+             numpy_helper.from_array(np.array([height, width * slots], np.int64), "s1"),
+             numpy_helper.from_array(np.array([width, slots], np.int64), "s2")]  # fmt: skip
+    nodes = [helper.make_node("Reshape", ["x", "s1"], ["a"]), helper.make_node("MatMul", ["r", "a"], ["b"]),
+             helper.make_node("Reshape", ["b", "s2"], ["d"]), helper.make_node("MatMul", ["c", "d"], ["y"])]  # fmt: skip
+    graph = helper.make_graph(nodes, "tail", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [height, width, slots])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, slots])], inits)  # fmt: skip
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_the_pixel_count_becomes_one_sum_over_the_pixels(tmp_path: Path) -> None:
+    """The two ones-row MatMuls of the pixel count become one SUM over both pixel axes (same counts); with a first
+    row that is not all ones the pattern does not apply and the MatMuls are converted as written."""
+    height, width, slots = 24, 20, 7
+    x = (np.random.default_rng(3).random((height, width, slots)) > 0.4).astype(np.float32)
+    (got,), ops = run_in_litert(_pixel_count_graph(height, width, slots, np.ones((1, height), np.float32)), [{"x": x}],
+                                tmp_path / "ones", op_list=True)  # fmt: skip
+    np.testing.assert_array_equal(got[0], x.sum(axis=(0, 1))[None])
+    assert ops.count("SUM") == 1 and not {"BATCH_MATMUL", "FULLY_CONNECTED"} & set(ops), ops  # (as written: 2 ops)
+    row = np.ones((1, height), np.float32)
+    row[0, 5] = 2.0  # a weighted count: not the pattern
+    (got,), ops = run_in_litert(_pixel_count_graph(height, width, slots, row), [{"x": x}], tmp_path / "weighted",
+                                op_list=True)  # fmt: skip
+    assert len([op for op in ops if op in ("SUM", "BATCH_MATMUL", "FULLY_CONNECTED")]) == 2, ops
+    np.testing.assert_array_equal(got[0], (row @ x.reshape(height, -1)).reshape(width, slots).sum(axis=0)[None])

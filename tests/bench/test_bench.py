@@ -101,6 +101,41 @@ def test_artifacts_memory_and_machine_are_recorded(result: BenchResult, tiny_mod
     assert machine["cpu"] and machine["cores"] >= 1
     assert "onnxruntime" in machine["versions"] and "numpy" in machine["versions"]
     assert result.protocol["runs"] == RUNS and "interleaved" in result.protocol["order"]
+    assert result.protocol["burst"] == 5 and "back-to-back" in result.protocol["order"]
+    for e in result.entries:  # RUNS < burst: one turn, its first call is the after-pause sample
+        if e.ok:
+            assert e.after_pause_ms == e.samples_ms[0], e
+
+
+class _CountingRunner:
+    """Records the order of calls; its latency is the call's sequence number (a scheduler test, no runtime)."""
+
+    def __init__(self, name: str, log: list[str], fail_at: int | None = None) -> None:
+        self.name, self.log, self.fail_at, self.calls, self.last_latency_s = name, log, fail_at, 0, 0.0
+
+    def infer(self, image: np.ndarray) -> None:
+        self.calls += 1
+        if self.fail_at is not None and self.calls == self.fail_at:
+            raise RuntimeError("broken")
+        self.log.append(self.name)
+        self.last_latency_s = len(self.log) / 1e3
+
+
+def test_turns_are_bursts_of_back_to_back_calls_from_a_rotating_start() -> None:
+    from maskconver_deploy.bench import _Slot, time_interleaved
+    from maskconver_deploy.results import BenchEntry
+
+    log: list[str] = []
+    slots = [_Slot(BenchEntry(n, n, "fp32", "panoptic", 64, 5, 1), _CountingRunner(n, log), np.zeros(1)) for n in "abc"]
+    time_interleaved(slots, runs=7, burst=3)
+    assert [len(s.samples) for s in slots] == [7, 7, 7]  # 3 + 3 + 1 calls each
+    assert "".join(log) == "aaabbbccc" + "bbbcccaaa" + "cab"  # turns of 3, then of the 1 left; start rotates
+    assert [s.turn_starts for s in slots] == [[0, 3, 6]] * 3
+    one: list[str] = []
+    slots = [_Slot(BenchEntry(n, n, "fp32", "panoptic", 64, 5, 1), _CountingRunner(n, one, fail_at=2 if n == "b" else None),
+                   np.zeros(1)) for n in "ab"]  # fmt: skip
+    time_interleaved(slots, runs=4, burst=1)
+    assert "".join(one) == "abaaa" and slots[1].entry.status == "failed" and "broken" in slots[1].entry.reason
 
 
 def test_ort_profile_shares(result: BenchResult) -> None:

@@ -39,7 +39,8 @@ def _good() -> list[BenchEntry]:
 
 
 def _line(bench: BenchResult, backend: str, words: str, merge: str):
-    (line,) = [t for t in check_targets(bench) if t.subject == backend and words in t.target and t.merge == merge]
+    (line,) = [t for t in check_targets(bench) if t.subject == backend and words in t.target and t.merge == merge
+               and not t.target.startswith("fastest artifact")]  # fmt: skip
     return line
 
 
@@ -118,3 +119,29 @@ def test_report_rows_pq_per_path_and_plot(tmp_path: Path) -> None:
     assert "By merge path" in markdown and "one marker per merge path (input, feature)" in markdown
     assert (tmp_path / "out" / "plots" / "pq_vs_latency.png").is_file()
     assert "| input path: post-processing time <= 0.5 x input-legacy's" in markdown
+
+
+def test_the_fastest_artifact_target_needs_both_speed_ups_and_parity() -> None:
+    entries = _good() + [_e("torch-compile", "panoptic", N, 30.0, "feature")]
+    verdicts = {("tflite", "feature"): "pass"}
+    bench = _bench(entries)
+
+    def fastest(parity):
+        (line,) = [t for t in check_targets(bench, parity) if t.target.startswith("fastest artifact")]
+        return line
+
+    # ort and tflite tie at 11 ms on the feature path; the first of them is the fastest: 4.00x eager, 2.73x compiled
+    line = fastest(lambda b, m: verdicts.get((b, m)))
+    assert line.subject in ("ort", "tflite") and line.merge == "feature"
+    for e in entries:
+        if e.backend == "tflite" and e.merge == "feature" and e.graph == "panoptic" and e.proposals == N:
+            e.latency_ms = LatencyStats.from_ms([8.0] * 5)  # 44 / 8 = 5.5x eager, 30 / 8 = 3.75x compiled
+    line = fastest(lambda b, m: verdicts.get((b, m)))
+    assert (line.subject, line.status) == ("tflite", "met") and "5.50x" in line.detail and "3.75x" in line.detail
+    assert fastest(lambda b, m: "fail").status == "missed"  # fast but not equal to the reference
+    assert fastest(None).status == "not measured"  # parity unknown: no verdict on speed alone
+    for e in entries:
+        if e.backend == "torch-compile":
+            e.latency_ms = LatencyStats.from_ms([20.0] * 5)  # 2.5x compiled: missed, with the bound
+    line = fastest(lambda b, m: verdicts.get((b, m)))
+    assert line.status == "missed" and "needs <= 6.67 ms against torch.compile" in line.detail

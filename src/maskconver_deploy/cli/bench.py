@@ -20,7 +20,8 @@ def bench(
     threads: Annotated[Optional[str], typer.Option("--threads", "-t", help="Thread counts, e.g. 1,2 (default: the cores this process may use).")] = None,
     warmup: Annotated[int, typer.Option("--warmup", min=0, help="Untimed runs per runner before timing.")] = 10,
     runs: Annotated[int, typer.Option("--runs", min=1, help="Timed runs per runner (interleaved rounds).")] = 50,
-    gap_ms: Annotated[float, typer.Option("--gap-ms", min=0, help="Pause before every timed call so the previous runtime's spinning threads park (0: back to back).")] = 20.0,
+    gap_ms: Annotated[float, typer.Option("--gap-ms", min=0, help="Pause before every turn of timed calls so the previous runtime's spinning threads park (0: none).")] = 20.0,
+    burst: Annotated[int, typer.Option("--burst", min=1, help="Timed calls per turn, back to back after the pause: the median is then a stream's call, as runtimes' own benchmark tools time it, and 'after pause ms' the first call of each turn; 1: every call after a pause (frames at a camera's rate).")] = 5,
     quick: Annotated[bool, typer.Option("--quick", help="2 warm-up and 5 timed runs, a small matmul for the peak: a smoke test, not a measurement.")] = False,
     grid: Annotated[bool, typer.Option("--grid", help="Time every (size, proposals) pair instead of the two sweeps.")] = False,
     network: Annotated[bool, typer.Option("--network/--no-network", help="Also time the raw graphs (network alone) where they exist.")] = True,
@@ -42,7 +43,7 @@ def bench(
     if model_dir is None:
         raise UserError("--model-dir is required (a folder written by `maskconver export`)")
     result = api.bench(model_dir, backends=backends, sizes=sizes, proposals=proposals, merge=merge, threads=threads,
-                       warmup=warmup, runs=runs, gap_ms=gap_ms, quick=quick, grid=grid, network=network,
+                       warmup=warmup, runs=runs, gap_ms=gap_ms, burst=burst, quick=quick, grid=grid, network=network,
                        profile=profile, calib=calib, json_out=json_out, force=force, log=log)  # fmt: skip
     if json_out is not None:
         log(f"wrote {json_out}")
@@ -60,8 +61,8 @@ def _print(result: Any) -> None:
     from maskconver_deploy.bench import summary_rows
     from maskconver_deploy.cli.console import log, print_table
 
-    columns = ["backend", "merge", "graph", "size", "N", "threads", "status", "median ms", "p90 ms", "min ms", "vs torch",
-               "floor ms", "MB", "peak MB"]  # fmt: skip
+    columns = ["backend", "merge", "graph", "size", "N", "threads", "status", "median ms", "p90 ms", "min ms", "after pause ms",
+               "vs torch", "vs compiled", "floor ms", "MB", "peak MB"]  # fmt: skip
     title = f"maskconver bench: {result.machine.get('cpu')} (model merge path {result.native_merge}/" \
             f"{result.model.get('mask_activation', '-')})"
     print_table(summary_rows(result), columns=columns, title=title)

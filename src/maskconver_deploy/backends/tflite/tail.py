@@ -35,6 +35,7 @@ _ELEMENTWISE = {
     "Add": "math.add", "Sub": "math.subtract", "Mul": "math.multiply", "Equal": "math.equal",
     "Less": "math.less", "And": "math.logical_and", "Where": "where",
     "Sigmoid": "math.sigmoid", "Relu": "nn.relu", "Identity": "identity", "MatMul": "linalg.matmul",
+    "Round": "math.round",  # round half to even, like ONNX: TFLite ROUND (banker's rounding), delegated to XNNPACK
 }  # fmt: skip
 
 
@@ -65,6 +66,43 @@ def _compared_then_cast_to_float(graph: Any) -> set[str]:
         if all(r.op_type == "Cast" and any(a.name == "to" and helper.get_attribute_value(a) == TensorProto.FLOAT
                                            for a in r.attribute) for r in readers[out]):  # fmt: skip
             found.add(out)
+    return found
+
+
+def _pixel_sums(graph: Any) -> dict[str, tuple[str, str]]:
+    """{output of the second MatMul: (the 3-D tensor X, the first ones row)} for the merge's pixel count `ones[1, W] @ reshape(ones[1, H] @
+    reshape(X [H, W, S], [H, W*S]), [W, S])` (the two small GEMMs ONNX Runtime runs fastest). In TFLite one SUM over
+    X's first two axes does it: measured on 256 x 256 x 101 floats, 2 threads, LiteRT 2.3, 0.6 ms against 1.7 ms
+    for the two SUMs the GEMMs become (their first one accumulates 25,856 columns at once)."""
+    from onnx import numpy_helper
+
+    constants = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    producer = {}
+    for node in graph.node:
+        for out in node.output:
+            producer[out] = node
+        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
+            constants[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
+
+    def ones_row(name: str) -> bool:
+        value = constants.get(name)
+        return value is not None and value.ndim == 2 and value.shape[0] == 1 and bool(np.all(value == 1))
+
+    def made_by(name: str, op: str) -> Any:
+        node = producer.get(name)
+        return node if node is not None and node.op_type == op else None
+
+    found = {}
+    for node in graph.node:
+        if node.op_type != "MatMul" or not ones_row(node.input[0]):
+            continue
+        second_reshape = made_by(node.input[1], "Reshape")
+        first = made_by(second_reshape.input[0], "MatMul") if second_reshape is not None else None
+        if first is None or not ones_row(first.input[0]):
+            continue
+        first_reshape = made_by(first.input[1], "Reshape")
+        if first_reshape is not None:
+            found[node.output[0]] = (first_reshape.input[0], first.input[0])
     return found
 
 
@@ -103,7 +141,10 @@ class TailConverter:
         env: dict[str, Any] = {t.name: numpy_helper.to_array(t) for t in self.model.graph.initializer}
         env.update(inputs)
         as_float = _compared_then_cast_to_float(self.model.graph)
+        pixel_sums = _pixel_sums(self.model.graph)
         for node in self.model.graph.node:
+            if node.output[0] in pixel_sums and self._pixel_sum(env, node, *pixel_sums[node.output[0]]):
+                continue
             args = [env[name] if name else None for name in node.input]
             attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
             if node.output[0] in as_float:
@@ -124,6 +165,19 @@ class TailConverter:
                 if name:
                     env[name] = value
         return {o.name: env[o.name] for o in self.model.graph.output}
+
+    def _pixel_sum(self, env: dict[str, Any], node: Any, source: str, first_ones: str) -> bool:
+        """The `_pixel_sums` pattern as one SUM over the first two axes of its 3-D source, when the shapes are
+        those of the pattern (else False: the MatMul is converted as written)."""
+        tf = _tf()
+        x, ones = env.get(source), env.get(node.input[0])
+        if x is None or isinstance(x, np.ndarray) or len(x.shape) != 3:
+            return False
+        height, width, slots = self.shape(x)
+        if np.shape(ones) != (1, width) or np.shape(env.get(first_ones)) != (1, height):
+            return False
+        env[node.output[0]] = tf.reshape(tf.math.reduce_sum(x, axis=[0, 1]), [1, slots])
+        return True
 
     def _elementwise(self, op_type: str) -> Any:
         fn = self.elementwise[op_type]
