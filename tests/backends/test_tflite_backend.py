@@ -252,6 +252,25 @@ def test_fp32_agrees_with_onnxruntime(runtimes: None, model_dir: Path) -> None:
             assert runner.last_latency_s > 0
 
 
+def test_banded_depthwise_convs_stay_in_nhwc(runtimes: None, model_dir: Path) -> None:
+    """Each 7x7 depthwise conv becomes three band convolutions on NHWC tensors: no Transpose feeds a Pad, a Slice
+    or a convolution (an explicit Pad in front of the bands once became Transpose + Pad + Slice + Transpose)."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    record = tflite.read_record(model_dir / "tflite.tflite")
+    interpreter = Interpreter(model_path=str(model_dir / "tflite.tflite"))
+    tensors = {d["index"]: d for d in interpreter.get_tensor_details()}
+    ops = interpreter._get_ops_details()  # noqa: SLF001
+    producer = {out: op["op_name"] for op in ops for out in op["outputs"]}
+    convs = [op for op in ops if op["op_name"] in ("CONV_2D", "DEPTHWISE_CONV_2D")]
+    bands = [op for op in convs if tuple(tensors[op["inputs"][1]]["shape"][1:3]) in ((3, 7), (1, 7))]
+    assert record["conversion"]["depthwise_split_in_row_bands"]
+    assert len(bands) == 3 * len(record["conversion"]["depthwise_split_in_row_bands"])
+    fed = [(op["op_name"], producer.get(op["inputs"][0])) for op in ops
+           if op["op_name"] in ("PAD", "STRIDED_SLICE", "CONV_2D", "DEPTHWISE_CONV_2D")]  # fmt: skip
+    assert ("TRANSPOSE" not in {p for _, p in fed}), [f for f in fed if f[1] == "TRANSPOSE"]
+
+
 def test_build_record_names_what_the_artifact_was_made_from(runtimes: None, model_dir: Path, calib: Path) -> None:
     from maskconver_deploy.calibration import load_calibration
     from maskconver_deploy.fileio import sha256_file

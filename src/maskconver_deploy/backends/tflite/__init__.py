@@ -260,11 +260,14 @@ def split_graph(model: Any) -> tuple[Any, Any, list[str]]:
 
 
 def split_wide_depthwise(model: Any) -> list[str]:
-    """In place: every depthwise Conv with more than MAX_DEPTHWISE_TAPS taps (the heads' 7x7) becomes one Pad and
-    row bands of at most that many taps (7x7 -> 3x7 + 3x7 + 1x7 on row slices), summed. The same arithmetic in
-    another order; LiteRT's XNNPACK runs it ~7x (fp32) to ~35x (int8) faster than one 7x7 (measured on x86-64:
-    a 7x7 depthwise conv at 32x32x256 took 10 ms fp32 and 50 ms int8, the three bands 1.3 and 1.4 ms). Returns
-    the names of the nodes it split."""
+    """In place: every depthwise Conv with more than MAX_DEPTHWISE_TAPS taps (the heads' 7x7) becomes row bands of
+    at most that many taps (7x7 -> 3x7 + 3x7 + 1x7), summed. Each band is a Conv with the original pads on the
+    original input, and a Slice of its output rows (band from kernel row s: output rows s .. s + H_out). The same
+    arithmetic in another order; LiteRT's XNNPACK runs it ~7x (fp32) to ~35x (int8) faster than one 7x7 (measured
+    on x86-64: a 7x7 depthwise conv at 32x32x256 took 10 ms fp32 and 50 ms int8, the three bands 1.3 and 1.4 ms).
+    Nothing but a Conv reads the input: onnx2tf keeps each band a DEPTHWISE_CONV_2D in NHWC this way, where an
+    explicit Pad on a tensor it had lost the layout of (the sum of the decoder's Resize and a Conv) became
+    Transpose + Pad + Slice + Transpose around grouped CONV_2Ds. Returns the names of the nodes it split."""
     from onnx import helper, numpy_helper
 
     graph = model.graph
@@ -284,26 +287,22 @@ def split_wide_depthwise(model: Any) -> list[str]:
             continue
         kernel = numpy_helper.to_array(weight)
         height = shapes[node.input[0]][1][2]
-        top, left, bottom, right = [int(v) for v in attrs.get("pads", [0, 0, 0, 0])]
-        out_rows = height + top + bottom - dims[2] + 1
+        pads = [int(v) for v in attrs.get("pads", [0, 0, 0, 0])]
+        out_rows = height + pads[0] + pads[2] - dims[2] + 1
         base = f"{node.name or node.output[0]}/band"
-        padded = f"{base}_padded"
-        pads = np.array([0, 0, top, left, 0, 0, bottom, right])
-        graph.initializer.append(numpy_helper.from_array(pads, f"{base}_pads"))
-        nodes.append(helper.make_node("Pad", [node.input[0], f"{base}_pads"], [padded], name=f"{base}_pad"))
         rows_per_band = MAX_DEPTHWISE_TAPS // dims[3]
         partial = []
         for start in range(0, dims[2], rows_per_band):
             stop = min(start + rows_per_band, dims[2])
             name = f"{base}{start}"
-            for suffix, value in (("starts", start), ("ends", start + out_rows + stop - start - 1), ("axes", 2)):
+            for suffix, value in (("starts", start), ("ends", start + out_rows), ("axes", 2)):
                 graph.initializer.append(numpy_helper.from_array(np.array([value]), f"{name}_{suffix}"))
             graph.initializer.append(numpy_helper.from_array(kernel[:, :, start:stop], f"{name}_weight"))
-            nodes.append(helper.make_node("Slice", [padded, f"{name}_starts", f"{name}_ends", f"{name}_axes"],
-                                          [f"{name}_rows"], name=f"{name}_slice"))  # fmt: skip
-            inputs = [f"{name}_rows", f"{name}_weight"] + (list(node.input[2:3]) if not partial else [])
-            nodes.append(helper.make_node("Conv", inputs, [f"{name}_out"], name=f"{name}_conv", group=dims[0],
-                                          kernel_shape=[stop - start, dims[3]]))  # fmt: skip
+            inputs = [node.input[0], f"{name}_weight"] + (list(node.input[2:3]) if not partial else [])
+            nodes.append(helper.make_node("Conv", inputs, [f"{name}_conv"], name=f"{name}_conv", group=dims[0],
+                                          kernel_shape=[stop - start, dims[3]], pads=pads))  # fmt: skip
+            nodes.append(helper.make_node("Slice", [f"{name}_conv", f"{name}_starts", f"{name}_ends", f"{name}_axes"],
+                                          [f"{name}_out"], name=f"{name}_slice"))  # fmt: skip
             partial.append(f"{name}_out")
         total = partial[0]
         for index, other in enumerate(partial[1:], start=1):
