@@ -265,9 +265,9 @@ def split_wide_depthwise(model: Any) -> list[str]:
     original input, and a Slice of its output rows (band from kernel row s: output rows s .. s + H_out). The same
     arithmetic in another order; LiteRT's XNNPACK runs it ~7x (fp32) to ~35x (int8) faster than one 7x7 (measured
     on x86-64: a 7x7 depthwise conv at 32x32x256 took 10 ms fp32 and 50 ms int8, the three bands 1.3 and 1.4 ms).
-    Nothing but a Conv reads the input: onnx2tf keeps each band a DEPTHWISE_CONV_2D in NHWC this way, where an
-    explicit Pad on a tensor it had lost the layout of (the sum of the decoder's Resize and a Conv) became
-    Transpose + Pad + Slice + Transpose around grouped CONV_2Ds. Returns the names of the nodes it split."""
+    Nothing but a Conv reads the input (at the cost of a few more output rows per band): onnx2tf keeps the bands
+    in NHWC this way, where an explicit Pad on a tensor it had lost the layout of (the sum of the decoder's Resize
+    and a Conv) became Transpose + Pad + Slice + Transpose. Returns the names of the nodes it split."""
     from onnx import helper, numpy_helper
 
     graph = model.graph
