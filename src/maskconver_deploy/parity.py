@@ -22,6 +22,11 @@ Per precision:
 * fp32: >= 99.9% of pixels, and PQ unchanged: |ΔPQ| < 0.005 PQ points (0-100 scale), i.e. the difference shows
   as 0.00 at two decimals (unlabelled: PQ vs the reference > 99.995). An exact runtime gives ΔPQ = 0 exactly;
   anything that moves a whole segment's IoU moves PQ by far more than 0.005 on a few dozen images.
+* fp32, with a raw graph: the merge check passes too. The PyTorch reference merge (`merge_raw_tensors`) runs on
+  the candidate's own raw-graph tensors, and its panoptic map must equal the candidate's on every pixel. The
+  network's fp32 rounding differs between runtimes (the tensor level measures by how much), and it can move a
+  near-tie between two proposals on a pixel or two. The merge check separates that from the post-processing: it
+  is exact, or the fused merge computes something else. Other precisions report the check without judging it.
 * fp16: |ΔPQ| <= 0.5. Half precision keeps ~3 decimal digits: masks flip only at near-ties of two
   proposals' weights and at the score threshold, which costs PQ in the first decimal; 0.5 is MMDeploy's PQ
   regression tolerance and half the int8 budget, so a real fp16 bug (a wrong cast, an overflow) cannot hide.
@@ -95,7 +100,9 @@ INT8_FLOORS = {"pixel": 94.0, "topn": 65.0, "pq_gap": 15.0}
 # first measurement on 12 scenes; its floors are looser than fp16's, its PQ budget the same
 BF16_FLOORS = {"pixel": 98.0, "topn": 90.0, "pq_gap": 5.0}
 TOLERANCES: dict[str, dict[str, Any]] = {
-    "fp32": _tolerance(FP32_PIXEL_AGREEMENT, 100.0, FP32_DELTA_PQ, True, FP32_DELTA_PQ),
+    "fp32": _tolerance(FP32_PIXEL_AGREEMENT, 100.0, FP32_DELTA_PQ, True, FP32_DELTA_PQ) | {
+        "merge_exact": True, "rule": _tolerance(FP32_PIXEL_AGREEMENT, 100.0, FP32_DELTA_PQ, True,
+                                                FP32_DELTA_PQ)["rule"] + ", merge check 0 pixels differ"},
     "fp16": _tolerance(FP16_FLOORS["pixel"], FP16_FLOORS["topn"], 0.5, False, FP16_FLOORS["pq_gap"]),
     "bf16": _tolerance(BF16_FLOORS["pixel"], BF16_FLOORS["topn"], 0.5, False, BF16_FLOORS["pq_gap"]),
     **{p: _tolerance(INT8_FLOORS["pixel"], INT8_FLOORS["topn"], 1.0, False, INT8_FLOORS["pq_gap"])
@@ -162,6 +169,14 @@ def judge(precision: str, decision: dict[str, Any], metric: dict[str, Any]) -> t
             sign = (">" if inside else "<=") if strict else (">=" if inside else "<")
             (good if inside else problems).append(f"PQ vs the reference's answers {value:.3f} {sign} {floor:g} "
                                                   "(no labelled segments: judged against the reference)")  # fmt: skip
+    check = decision.get("merge_check") or {}
+    if tol.get("merge_exact") and check.get("available"):
+        differ, pixels = int(check["pixels_differ"]), int(check["pixels"])
+        if differ:
+            problems.append(f"merge check: {differ} of {pixels:,} pixels differ from the reference merge of its own "
+                            "raw tensors (expected 0)")  # fmt: skip
+        else:
+            good.append(f"merge check: 0 of {pixels:,} pixels differ")
     if problems:
         return VERDICT_FAIL, "; ".join(problems)
     return VERDICT_PASS, "; ".join(good)
@@ -197,6 +212,9 @@ class _Side:
     proposals: int = 0
     worst_record: Any = None
     worst_agreement: float = 101.0
+    merge_pixels: int = 0  # merge check: pixels compared, and those where the reference merge of the candidate's
+    merge_differ: int = 0  # own raw tensors gives another panoptic id than the candidate's fused post-processing
+    merge_images_differ: int = 0
     seconds: float = 0.0
     artifact: str = ""
 
@@ -323,7 +341,7 @@ def run_parity(
     try:
         for record in progress(chosen, "parity", len(chosen)):
             image, gt_ids = load_example(record)
-            boxed, _ = letterbox(image, size)
+            boxed, box = letterbox(image, size)
             ref_out = ref_runner.predict(image)
             ref_ids, ref_segments = panoptic_to_coco(ref_out, meta)
             pq_reference.add(gt_ids, record.segments, ref_ids, ref_segments, image=str(record.image_path))
@@ -333,8 +351,8 @@ def run_parity(
             ref_tensors = ref_raw.infer(boxed) if wanted else None
             for side in sides:
                 if side.active:
-                    _compare_one(side, record, image, boxed, gt_ids, ref_out, ref_ids, ref_segments, ref_tensors,
-                                 threshold, meta)  # fmt: skip
+                    _compare_one(side, record, image, boxed, box, gt_ids, ref_out, ref_ids, ref_segments,
+                                 ref_tensors, threshold, meta, model_meta)  # fmt: skip
     finally:
         for side in sides:
             side.close()
@@ -405,11 +423,13 @@ def _candidate_names(candidates: Sequence[str], reference: str) -> list[str]:
     return names
 
 
-def _compare_one(side: _Side, record: Any, image: np.ndarray, boxed: np.ndarray, gt_ids: np.ndarray,
+def _compare_one(side: _Side, record: Any, image: np.ndarray, boxed: np.ndarray, box: Any, gt_ids: np.ndarray,
                  ref_out: PanopticOutput, ref_ids: np.ndarray, ref_segments: list[dict[str, Any]],
-                 ref_tensors: dict[str, np.ndarray] | None, threshold: float, meta: Any) -> None:  # fmt: skip
+                 ref_tensors: dict[str, np.ndarray] | None, threshold: float, meta: Any,
+                 meta_model: Any) -> None:  # fmt: skip
     """One image through one candidate; a candidate that raises is stopped with verdict "error"."""
     from maskconver_deploy.data.coco_panoptic import panoptic_to_coco
+    from maskconver_deploy.data.preprocess import unletterbox
 
     start = time.perf_counter()
     try:
@@ -424,11 +444,47 @@ def _compare_one(side: _Side, record: Any, image: np.ndarray, boxed: np.ndarray,
         side.pq.add(gt_ids, record.segments, cand_ids, cand_segments, image=where)
         side.pq_vs_reference.add(ref_ids, ref_segments, cand_ids, cand_segments, image=where)
         side.instances.add_pred(record.image_id, out.panoptic, out.scores, key=side.name)
-        if side.raw is not None and ref_tensors is not None:
-            _compare_tensors(side, side.raw.infer(boxed), ref_tensors, threshold)
+        if side.raw is not None:
+            cand_tensors = side.raw.infer(boxed)
+            if ref_tensors is not None:
+                _compare_tensors(side, cand_tensors, ref_tensors, threshold)
+            merged = unletterbox(merge_raw_tensors(cand_tensors, meta_model), box)
+            differ = int(np.count_nonzero(merged != out.panoptic))
+            side.merge_pixels += int(merged.size)
+            side.merge_differ += differ
+            side.merge_images_differ += int(differ > 0)
     except Exception as exc:  # noqa: BLE001 - any failure of one runtime is reported, the others go on
         side.stop(VERDICT_ERROR, f"{type(exc).__name__} on image {record.image_id}: {_first_line(exc)}")
     side.seconds += time.perf_counter() - start
+
+
+def merge_raw_tensors(tensors: dict[str, np.ndarray], meta: Any) -> np.ndarray:
+    """The PyTorch reference merge (model/postprocess.merge_logits, the model folder's merge path and activation)
+    of one image's raw-graph tensors -> panoptic int32 [H, W] at the network input size. Fed a candidate's own
+    tensors, it says whether the candidate's fused post-processing computes the reference's: any pixel it
+    changes is the post-processing's doing, not the network's (the merge check)."""
+    import torch
+
+    from maskconver_deploy.model.postprocess import merge_logits
+
+    extra = meta.extra or {}
+    logits = np.asarray(tensors["mask_logits"], dtype=np.float32)
+    logits = np.ascontiguousarray(logits.reshape(-1, *logits.shape[-2:]))  # [N, h, w], batch of one dropped
+    with torch.no_grad():
+        panoptic, _ = merge_logits(
+            torch.from_numpy(logits),
+            torch.from_numpy(np.asarray(tensors["scores"], dtype=np.float32).reshape(-1).copy()),
+            torch.from_numpy(np.asarray(tensors["classes"]).astype(np.int64).reshape(-1)),
+            merge=meta.merge,
+            activation=meta.mask_activation,
+            stride=int(meta.feature_stride),
+            num_things=int(extra["num_things"]),
+            object_mask_threshold=float(meta.object_mask_threshold),
+            overlap_threshold=float(meta.overlap_threshold),
+            small_area=float(meta.small_area_threshold),
+            feature_small_area_px=float(extra.get("feature_small_area", 0.0)),
+        )
+    return panoptic.numpy()
 
 
 def _compare_tensors(side: _Side, cand: dict[str, np.ndarray], ref: dict[str, np.ndarray], threshold: float) -> None:
@@ -441,6 +497,15 @@ def _compare_tensors(side: _Side, cand: dict[str, np.ndarray], ref: dict[str, np
     if ref_ranks:  # proposal keys are listed in rank order of the valid ones, which are the leading ranks
         side.mask_logits.add(np.asarray(cand["mask_logits"])[cand_ranks], np.asarray(ref["mask_logits"])[ref_ranks])
         side.scores.add(np.asarray(cand["scores"])[cand_ranks], np.asarray(ref["scores"])[ref_ranks])
+
+
+def _merge_check(side: _Side) -> dict[str, Any]:
+    """The merge check's counts (`merge_raw_tensors`), or why there are none."""
+    if not side.merge_pixels:
+        return {"available": False, "reason": side.tensor_reason or "no raw graph ran"}
+    same = side.merge_pixels - side.merge_differ
+    return {"available": True, "pixels": side.merge_pixels, "pixels_differ": side.merge_differ,
+            "images_differ": side.merge_images_differ, "agreement": 100.0 * same / side.merge_pixels}  # fmt: skip
 
 
 def _has_segments(pq: dict[str, Any]) -> bool:
@@ -486,6 +551,7 @@ def _summarise(side: _Side, reference_pq: dict[str, Any], ref_raw_reason: str, f
         tensor = {"available": False, "reason": side.tensor_reason or ref_raw_reason or "no raw outputs were compared"}
     entry["tensor"] = tensor
     entry["decision"] = side.decision.result()
+    entry["decision"]["merge_check"] = _merge_check(side)
     cand_pq = side.pq.result()
     vs_ref = side.pq_vs_reference.result()
     pq, pq_ref = cand_pq["all"]["pq"], reference_pq["all"]["pq"]

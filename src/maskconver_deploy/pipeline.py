@@ -366,6 +366,10 @@ class Pipeline:
                 calib = None if self.calib_problem else self.calib  # the int8 OpenVINO build reads it
                 folder, problems = prepare_variant(self.model_dir, size, n, names, calib, lambda m: self.log("    " + m),
                                                    merge=merge, graphs=("panoptic",))  # fmt: skip
+                # the raw graphs of the fp32 builds: parity's merge check runs the reference merge on their tensors
+                fp32 = [name for name in names if name not in problems and self.precision_of(name) == "fp32"]
+                prepare_variant(self.model_dir, size, n, fp32, calib, lambda m: self.log("    " + m), merge=merge,
+                                graphs=("raw",))  # fmt: skip
             except Exception as exc:  # noqa: BLE001 - this path's failure; the own path goes on
                 for state in states.values():
                     state.status, state.reason = STATUS_FAILED, f"export of the {merge} path failed: {_first_line(exc)}"

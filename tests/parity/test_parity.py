@@ -53,6 +53,9 @@ def test_fp32_pass_and_int8_report_their_numbers(parity_model_dir: Path, parity_
         assert tensor["heatmap"]["max_abs_err"] < 1e-3 and tensor["heatmap"]["cosine"] > 0.99999
         assert tensor["mask_logits"]["cosine"] > 0.99999
         assert entry["decision"]["topn_match"] == 100.0
+        check = entry["decision"]["merge_check"]  # the fused merge on its own tensors = the reference merge
+        assert check["available"] and check["pixels"] > 0 and check["pixels_differ"] == 0, check
+        assert "merge check: 0 of" in entry["reason"]
         metric = entry["metric"]  # mask AP (things) from the same images: an exact runtime changes nothing
         assert metric["mask_ap_reference"] is not None and metric["delta_mask_ap"] == 0.0
     for name in INT8:
@@ -243,3 +246,36 @@ def test_bad_input_is_one_line_exit_2(parity_model_dir: Path, parity_val: Path, 
     assert done.exit_code == 2, done.output
     assert words in done.output and "Traceback" not in done.output
     assert len(done.stderr.strip().splitlines()) == 1 and done.stderr.startswith("error: ")
+
+
+def test_merge_check_reproduces_the_fused_merge_and_fails_on_another_path(parity_model_dir: Path,
+                                                                          parity_val: Path) -> None:  # fmt: skip
+    """The reference merge of ORT's own raw tensors gives ORT's panoptic map exactly; the same tensors merged by
+    another path (a post-processing that computes something else) differ, so the check can fail."""
+    import dataclasses
+
+    from maskconver_deploy import backends
+    from maskconver_deploy.data.coco_panoptic import load_example
+    from maskconver_deploy.data.preprocess import letterbox
+    from maskconver_deploy.parity import merge_raw_tensors
+
+    meta = ModelDir(parity_model_dir).meta
+    assert meta.merge == "input"
+    panoptic = backends.open_runner("ort", model_dir=parity_model_dir, threads=1, graph="panoptic")
+    raw = backends.open_runner("ort", model_dir=parity_model_dir, threads=1, graph="raw")
+    panoptic.open()
+    raw.open()
+    _, records = load_split(parity_val, "val")
+    other = dataclasses.replace(meta, merge="feature")
+    differ = 0
+    try:
+        for record in records:
+            boxed, _ = letterbox(load_example(record)[0], tuple(meta.input_size))
+            fused = np.asarray(panoptic.infer(boxed)["panoptic"]).reshape(boxed.shape[:2])
+            tensors = raw.infer(boxed)
+            assert np.array_equal(merge_raw_tensors(tensors, meta), fused)
+            differ += int(np.count_nonzero(merge_raw_tensors(tensors, other) != fused))
+    finally:
+        panoptic.close()
+        raw.close()
+    assert differ > 0

@@ -47,3 +47,16 @@ def test_reduced_precisions_are_looser_than_fp32_but_have_agreement_floors() -> 
         assert 50.0 < tol["min_pixel_agreement"] < fp32["min_pixel_agreement"]
         assert 0.0 < tol["min_topn_match"] < fp32["min_topn_match"]
     assert TOLERANCES["fp16"]["max_abs_delta_pq"] == 0.5 and TOLERANCES["int8"]["max_abs_delta_pq"] == 1.0
+
+
+def test_fp32_needs_an_exact_merge_check_when_one_ran() -> None:
+    decision, metric = _numbers("fp32")
+    check = {"available": True, "pixels": 65536, "pixels_differ": 0}
+    verdict, reason = judge("fp32", {**decision, "merge_check": check}, metric)
+    assert verdict == "pass" and "merge check: 0 of 65,536" in reason
+    verdict, reason = judge("fp32", {**decision, "merge_check": {**check, "pixels_differ": 1}}, metric)
+    assert verdict == "fail" and "merge check: 1 of 65,536 pixels differ" in reason
+    unavailable = {"available": False, "reason": "no raw graph"}  # nothing to judge: the other floors decide
+    assert judge("fp32", {**decision, "merge_check": unavailable}, metric)[0] == "pass"
+    fp16_decision, fp16_metric = _numbers("fp16")  # reduced precisions report the check, it is not a floor
+    assert judge("fp16", {**fp16_decision, "merge_check": {**check, "pixels_differ": 5}}, fp16_metric)[0] == "pass"

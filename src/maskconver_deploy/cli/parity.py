@@ -14,14 +14,21 @@ import typer
 from maskconver_deploy.cli.options import DataOpt, ForceOpt, JsonOpt, JsonOutOpt, ModelDirOpt, SplitOpt, ThreadsOpt
 from maskconver_deploy.errors import CheckFailed, UserError
 
-COLUMNS = ["backend", "precision", "pixel agr %", "category agr %", "top-N match %", "heatmap max abs err",
-           "PQ ref", "PQ cand", "ΔPQ", "ΔAP", "verdict", "reason"]  # fmt: skip
+COLUMNS = ["backend", "precision", "pixel agr %", "category agr %", "top-N match %", "merge check px differ",
+           "heatmap max abs err", "PQ ref", "PQ cand", "ΔPQ", "ΔAP", "verdict", "reason"]  # fmt: skip
 
 
 def _short(reason: str) -> str:
     """A reason without the leading 'PATH: ' of a file error (the table has no room for paths twice)."""
     head, sep, rest = reason.partition(": ")
     return rest if sep and "/" in head and " " not in head else reason
+
+
+def _merge_differ(check: dict[str, Any]) -> str:
+    """The merge check's differing pixels, "0 / 3,276,800"; "-" without a raw graph."""
+    if not check.get("available"):
+        return "-"
+    return f"{int(check['pixels_differ']):,} / {int(check['pixels']):,}"
 
 
 def table_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
@@ -33,6 +40,7 @@ def table_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
             "backend": c["backend"], "precision": c["precision"],
             "pixel agr %": decision.get("pixel_agreement"), "category agr %": decision.get("category_agreement"),
             "top-N match %": decision.get("topn_match"),
+            "merge check px differ": _merge_differ(decision.get("merge_check") or {}),
             "heatmap max abs err": f"{heatmap:.2e}" if heatmap is not None else "-",
             "PQ ref": metric.get("pq_reference"), "PQ cand": metric.get("pq"), "ΔPQ": metric.get("delta_pq"),
             "ΔAP": metric.get("delta_mask_ap"),
