@@ -47,6 +47,9 @@ def test_pipeline_quick_end_to_end(tmp_path: Path) -> None:
     parity = json.loads((out / "results" / "parity.json").read_text())
     feature_parity = [c for c in parity["candidates"] if c["merge"] == "feature"]
     assert [c["backend"] for c in feature_parity] == ["ort"] and feature_parity[0]["verdict"] == "pass"
+    for c in parity["candidates"]:  # every ORT artifact of either path has a raw graph: the merge check ran
+        if c["backend"] == "ort":
+            assert c["decision"]["merge_check"]["available"] and c["decision"]["merge_check"]["pixels_differ"] == 0
     assert bundle.eval_for("ort", merge="feature") is not None and (out / "results" / "eval" / "ort@feature.json").is_file()
     assert bundle.eval_for("ort", merge="feature").merge == "feature" and bundle.eval_for("ort").merge == "input"
     timed = {(e.backend, e.graph, e.merge) for e in bench.entries if e.ok}
@@ -54,6 +57,7 @@ def test_pipeline_quick_end_to_end(tmp_path: Path) -> None:
         assert {("torch", "panoptic", merge), ("ort", "panoptic", merge)} <= timed, merge
     report = (out / "report.md").read_text()
     assert "By merge path" in report and "| ort | feature/hard-sigmoid |" in report
+    assert "## Parity" in report and "| ort | feature | fp32 |" in report and "merge check px differ" in report
     assert "input path: post-processing time <= 0.5 x input-legacy's" in report
 
     again = runner.invoke(app, args)

@@ -340,6 +340,8 @@ class DecisionStats:
         union = max(self.proposals_reference, self.proposals_candidate)
         return {
             "n_images": self.images,
+            "pixels": self.pixels,
+            "same_segment": self.same_segment,
             "pixel_agreement": 100.0 * self.same_segment / self.pixels if self.pixels else None,
             "category_agreement": 100.0 * self.same_category / self.pixels if self.pixels else None,
             "min_image_pixel_agreement": self.worst.get("pixel_agreement"),

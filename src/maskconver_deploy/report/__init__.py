@@ -652,6 +652,40 @@ def _paths_section(bundle: ResultsBundle) -> list[Block]:
     return blocks
 
 
+def parity_rows(bundle: ResultsBundle) -> list[list[str]]:
+    """One row per parity candidate that ran: agreement with the PyTorch reference of its merge path, the merge
+    check (the reference merge of the artifact's own raw tensors against its fused answer), ΔPQ and verdict."""
+    rows = []
+    for row in bundle.parity:
+        decision = row.extra.get("decision") or {}
+        if not decision:
+            continue
+        pixels = decision.get("pixels")
+        same = decision.get("same_segment")
+        differ = f"{int(pixels) - int(same):,} / {int(pixels):,}" if pixels is not None and same is not None else "-"
+        check = decision.get("merge_check") or {}
+        merged = f"{int(check['pixels_differ']):,}" if check.get("available") else "no raw graph"
+        rows.append([row.backend, row.merge or bundle.native_merge, row.precision,
+                     _f(decision.get("pixel_agreement"), 5), differ, merged, _f(decision.get("topn_match")),
+                     _f(row.delta_pq, 4), row.verdict])  # fmt: skip
+    return rows
+
+
+def _parity_section(bundle: ResultsBundle) -> list[Block]:
+    rows = parity_rows(bundle)
+    if not rows:
+        return []
+    note = ("Every artifact against the PyTorch reference of its own merge path, on the same images. Pixels that "
+            "differ = pixels in another segment than the reference's. Merge check = pixels where the reference merge "
+            "run on the artifact's own raw-graph tensors gives another answer than the artifact's fused "
+            "post-processing: 0 means the post-processing is exact, and any remaining difference comes from the "
+            "network's rounding; fp32 verdicts require 0.")  # fmt: skip
+    columns = ["backend", "merge path", "precision", "same segment %", "pixels that differ", "merge check px differ",
+               "top-N match %", "ΔPQ", "verdict"]  # fmt: skip
+    return [Heading(2, "Parity"), Para(note, kind="note"),
+            Table(columns, rows, "Parity against the PyTorch reference", status_column="verdict")]
+
+
 def _proposals_table(bundle: ResultsBundle) -> list[Block]:
     bench = bundle.bench
     assert bench is not None
@@ -863,6 +897,7 @@ def build_blocks(bundle: ResultsBundle, plot_folder: Path) -> tuple[list[Block],
     blocks += _main_table(bundle)
     blocks += _paths_section(bundle)
     blocks += _proposals_table(bundle)
+    blocks += _parity_section(bundle)
     blocks += _targets_section(bundle, targets)
     blocks += _plots(bundle, plot_folder)
     blocks += _pipeline_section(bundle)
